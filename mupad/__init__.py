@@ -1,0 +1,3 @@
+"""mupad: multimodal pathology diffusion (image, text and RNA conditions on one SiT)."""
+
+__version__ = "0.1.0"

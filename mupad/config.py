@@ -1,0 +1,296 @@
+"""Frozen configuration dataclasses, named presets and their JSON round trip.
+
+Every checkpoint carries the resolved configs as JSON; strings from the command line or a
+JSON file become enums here, once, at the edge.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+from pathlib import Path
+from typing import Any, TypeVar
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message says which and how to fix it."""
+
+
+class CrossAttentionKind(str, enum.Enum):
+    """How condition tokens reach the image tokens."""
+
+    DECOUPLED = "decoupled"  # one stream per modality, gated by presence (the paper's DCA)
+    SHARED = "shared"  # one stream over concatenated tokens + modality embeddings (ablation)
+    NONE = "none"  # unconditional backbone
+
+
+class Precision(str, enum.Enum):
+    FP32 = "fp32"
+    BF16 = "bf16"  # bf16 autocast with fp32 master weights
+
+
+class SamplerKind(str, enum.Enum):
+    EULER = "euler"  # deterministic ODE, first order
+    HEUN = "heun"  # deterministic ODE, second order
+    SDE = "sde"  # Euler-Maruyama on the reverse SDE (the paper's default)
+
+
+class GuidanceScheduleKind(str, enum.Enum):
+    CONSTANT = "constant"
+    LINEAR = "linear"  # linear anneal from `start` (at t=1, pure noise) to `end` (at t=0, data)
+    INTERVAL = "interval"  # constant scale inside [t_low, t_high], zero outside
+
+
+class GuidanceMode(str, enum.Enum):
+    JOINT = "joint"  # one scale; the unconditional pass drops every modality at once
+    PER_MODALITY = "per_modality"  # one scale per modality; each pass drops one modality
+
+
+E = TypeVar("E", bound=enum.Enum)
+
+
+def parse_enum(enum_type: type[E], value: str | E) -> E:
+    """Resolve a user string into an enum member, with an error that lists the choices."""
+    if isinstance(value, enum_type):
+        return value
+    try:
+        return enum_type(str(value).lower())
+    except ValueError:
+        choices = ", ".join(m.value for m in enum_type)
+        raise ConfigError(
+            f"{value!r} is not a valid {enum_type.__name__}; choose one of: {choices}"
+        ) from None
+
+
+# --------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The SiT backbone with its cross-attention.
+
+    Any input whose height and width are multiples of `patch_size` is accepted; position
+    embeddings are computed for the actual token grid.
+    """
+
+    in_channels: int = 4  # 4 for SD-style VAE latents, 3 for pixel space
+    out_channels: int = 0  # 0 means "same as in_channels"
+    patch_size: int = 2
+    hidden_size: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    cross_attention: CrossAttentionKind = CrossAttentionKind.DECOUPLED
+    # Width of each modality's condition tokens; 0 means the model has no stream for it.
+    image_dim: int = 0
+    text_dim: int = 0
+    rna_dim: int = 0
+    cls_dim: int = 0  # width of the global (CLS) token; 0 means no CLS token
+    sample_size: int = 32  # default spatial size used when sampling (not a restriction)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "cross_attention", parse_enum(CrossAttentionKind, self.cross_attention)
+        )
+        if self.out_channels == 0:
+            object.__setattr__(self, "out_channels", self.in_channels)
+        for name in ("in_channels", "patch_size", "hidden_size", "depth", "num_heads"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
+        for name in ("image_dim", "text_dim", "rna_dim", "cls_dim"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"ModelConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.sample_size % self.patch_size:
+            raise ConfigError(
+                f"sample_size {self.sample_size} is not a multiple of patch_size {self.patch_size}"
+            )
+
+    @property
+    def condition_dims(self) -> dict[str, int]:
+        """Modality name -> token width, for the modalities this model has streams for."""
+        dims = {"image": self.image_dim, "text": self.text_dim, "rna": self.rna_dim}
+        if self.cross_attention is CrossAttentionKind.NONE:
+            return {}
+        return {name: dim for name, dim in dims.items() if dim > 0}
+
+
+# The DiT/SiT family: (hidden, depth, heads). Patch size comes from the "/p" suffix.
+_BACKBONES: dict[str, tuple[int, int, int]] = {
+    "tiny": (64, 2, 2),
+    "S": (384, 12, 6),
+    "B": (768, 12, 12),
+    "L": (1024, 24, 16),
+    "XL": (1152, 28, 16),
+}
+_PATCHES = (2, 4, 8)
+
+
+def model_preset_names() -> list[str]:
+    """Every preset name: "tiny" plus S/B/L/XL crossed with /2, /4, /8."""
+    names = ["tiny"]
+    names += [f"{size}/{p}" for size in ("S", "B", "L", "XL") for p in _PATCHES]
+    return names
+
+
+def model_preset(name: str, **overrides: Any) -> ModelConfig:
+    """Build a ModelConfig from a preset name such as "S/2" or "XL/4" (or "tiny").
+
+    Keyword overrides replace any field (e.g. in_channels=3, text_dim=384).
+    """
+    key = name.strip()
+    if key == "tiny":
+        hidden, depth, heads = _BACKBONES["tiny"]
+        patch = overrides.pop("patch_size", 2)
+    else:
+        size, _, patch_text = key.partition("/")
+        size = size.upper().removeprefix("SIT-")
+        if size not in _BACKBONES or size == "TINY" or not patch_text.isdigit() or int(
+            patch_text
+        ) not in _PATCHES:
+            raise ConfigError(
+                f"unknown model preset {name!r}; choose one of: {', '.join(model_preset_names())}"
+            )
+        hidden, depth, heads = _BACKBONES[size]
+        patch = int(patch_text)
+    fields = dict(hidden_size=hidden, depth=depth, num_heads=heads, patch_size=patch)
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+# --------------------------------------------------------------------------------------
+# Sampling
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class GuidanceConfig:
+    """Classifier-free guidance: v = v_cond + w(t) * (v_cond - v_uncond).
+
+    w = 0 is the plain conditional model (and costs one forward pass per step).
+    `modality_scales` (PER_MODALITY mode) multiplies the schedule per modality.
+    """
+
+    schedule: GuidanceScheduleKind = GuidanceScheduleKind.LINEAR
+    start: float = 2.5  # scale at t = 1 (pure noise)
+    end: float = 0.0  # scale at t = 0 (data); CONSTANT uses `start` only
+    t_low: float = 0.0  # INTERVAL: guidance applies for t in [t_low, t_high]
+    t_high: float = 1.0
+    mode: GuidanceMode = GuidanceMode.JOINT
+    image_scale: float = 1.0
+    text_scale: float = 1.0
+    rna_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "schedule", parse_enum(GuidanceScheduleKind, self.schedule))
+        object.__setattr__(self, "mode", parse_enum(GuidanceMode, self.mode))
+        if not 0.0 <= self.t_low <= self.t_high <= 1.0:
+            raise ConfigError(
+                f"guidance interval needs 0 <= t_low <= t_high <= 1, got [{self.t_low}, {self.t_high}]"
+            )
+
+    @property
+    def modality_scales(self) -> dict[str, float]:
+        return {"image": self.image_scale, "text": self.text_scale, "rna": self.rna_scale}
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+    sampler: SamplerKind = SamplerKind.SDE
+    num_steps: int = 250
+    guidance: GuidanceConfig = dataclasses.field(default_factory=GuidanceConfig)
+    # SDE: diffusion g(t)^2 = diffusion_scale * t; the last `last_step_size` of time is a
+    # deterministic (noise-free) step so the output carries no fresh noise.
+    diffusion_scale: float = 1.0
+    last_step_size: float = 0.04
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sampler", parse_enum(SamplerKind, self.sampler))
+        if isinstance(self.guidance, dict):
+            object.__setattr__(self, "guidance", GuidanceConfig(**self.guidance))
+        if self.num_steps < 1:
+            raise ConfigError(f"num_steps must be >= 1, got {self.num_steps}")
+        if not 0.0 <= self.last_step_size < 1.0:
+            raise ConfigError(f"last_step_size must be in [0, 1), got {self.last_step_size}")
+        if self.diffusion_scale < 0:
+            raise ConfigError(f"diffusion_scale must be >= 0, got {self.diffusion_scale}")
+
+
+# --------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    warmup_steps: int = 0
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    ema_decay: float = 0.9999
+    precision: Precision = Precision.BF16
+    condition_dropout: float = 0.1  # per modality, independently, for classifier-free guidance
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "precision", parse_enum(Precision, self.precision))
+        if self.steps < 1 or self.batch_size < 1:
+            raise ConfigError("steps and batch_size must be >= 1")
+        if not 0.0 <= self.condition_dropout <= 1.0:
+            raise ConfigError(f"condition_dropout must be in [0, 1], got {self.condition_dropout}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+# --------------------------------------------------------------------------------------
+# JSON round trip
+# --------------------------------------------------------------------------------------
+
+C = TypeVar("C")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-ready dict (enums become their string values, nested configs become dicts)."""
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, enum.Enum):
+            return value.value
+        if dataclasses.is_dataclass(value):
+            return {f.name: convert(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return value
+
+    return convert(config)
+
+
+def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+    """Inverse of `to_dict`; unknown keys are an error (a config from another version)."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(
+            f"{cls.__name__} has no field(s) {sorted(unknown)}; was this file written by "
+            "another version of mupad?"
+        )
+    return cls(**data)
+
+
+def save_json(config: Any, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
+
+
+def load_json(cls: type[C], path: str | Path) -> C:
+    return from_dict(cls, json.loads(Path(path).read_text()))
