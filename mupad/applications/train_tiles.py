@@ -1,0 +1,146 @@
+"""Train on a labelled tile folder with class captions, and sample a trained run from prompts.
+
+The run's metadata (latent codec, text encoder, captions) travels in every checkpoint, so
+`sample_prompts` needs nothing but the checkpoint folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mupad.conditioning import get_encoder
+from mupad.config import CrossAttentionKind, ModelConfig, SampleConfig, TrainConfig, model_preset, to_dict
+from mupad.data.tiles import TileSet, load_tile_folder
+from mupad.latents import LatentCodec, load_codec
+from mupad.models import SiT
+from mupad.training.captioned_tiles import (
+    CaptionBank,
+    CaptionedCropBatches,
+    default_caption,
+    encode_captions,
+)
+from mupad.training.checkpoint import latest_checkpoint
+from mupad.training.loop import BatchFn, TrainBatch, Trainer, TrainResult
+from mupad.applications.figures import save_grid
+from mupad.applications.generate import generate
+
+
+@dataclass
+class TileRun:
+    tiles: TileSet
+    bank: CaptionBank
+    codec: LatentCodec
+    result: TrainResult
+
+
+def _encoded(batch_fn: BatchFn, codec: LatentCodec) -> BatchFn:
+    """Wrap a pixel batch function so the trainer sees latents."""
+
+    def encode(step: int, generator: torch.Generator) -> TrainBatch:
+        batch = batch_fn(step, generator)
+        with torch.no_grad():
+            return dataclasses.replace(batch, x0=codec.encode(batch.x0))
+
+    return encode
+
+
+def train_on_tile_folder(
+    data: str | Path,
+    out: str | Path,
+    *,
+    train_config: TrainConfig,
+    preset: str = "S/4",
+    model_config: ModelConfig | None = None,
+    crop: int = 64,
+    latents: str = "identity",
+    cross_attention: CrossAttentionKind = CrossAttentionKind.DECOUPLED,
+    text_encoder: str = "minilm",
+    captions: dict[str, str] | None = None,
+    progress: bool = True,
+) -> TileRun:
+    """Train a caption-conditioned SiT on `data/<class>/<tile>` crops; resumes if `out` has a run."""
+    tiles = load_tile_folder(data)
+    captions = captions or {}
+    texts = [captions.get(name, default_caption(name)) for name in tiles.class_names]
+    encoder = get_encoder(text_encoder)
+    bank = encode_captions(texts, encoder)
+    codec = load_codec(latents)
+    if crop % codec.downsample:
+        raise ValueError(f"crop {crop} is not a multiple of the codec's downsample {codec.downsample}")
+    if model_config is None:
+        model_config = model_preset(
+            preset,
+            in_channels=codec.latent_channels,
+            text_dim=encoder.dim,
+            cross_attention=cross_attention,
+            sample_size=crop // codec.downsample,
+        )
+    torch.manual_seed(train_config.seed)
+    model = SiT(model_config)
+    batches: BatchFn = CaptionedCropBatches(tiles, bank, crop, train_config.batch_size)
+    if latents not in ("identity", "pixels"):
+        batches = _encoded(batches, codec)
+    metadata: dict[str, Any] = {
+        "data": str(data),
+        "latents": str(latents),
+        "text_encoder": text_encoder,
+        "class_names": list(tiles.class_names),
+        "captions": texts,
+        "crop": crop,
+    }
+    trainer = Trainer(model, train_config, out, batches, metadata=metadata, progress=progress)
+    return TileRun(tiles=tiles, bank=bank, codec=codec, result=trainer.train())
+
+
+def _resolve_checkpoint(path: Path) -> tuple[Path, dict[str, Any]]:
+    """A run folder, a checkpoint folder or its ema/ -> (model folder, run metadata)."""
+    path = Path(path)
+    if (path / "checkpoints").is_dir():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise FileNotFoundError(f"{path} has no finished checkpoint yet")
+        path = latest
+    state_file = next(
+        (p / "train_state.json" for p in (path, path.parent) if (p / "train_state.json").exists()),
+        None,
+    )
+    metadata = json.loads(state_file.read_text())["extra"] if state_file else {}
+    model_dir = path / "ema" if (path / "ema" / "model.safetensors").exists() else path
+    return model_dir, metadata
+
+
+def sample_prompts(
+    checkpoint: str | Path,
+    prompts: Sequence[str],
+    num_per_prompt: int,
+    sample_config: SampleConfig,
+    out: str | Path,
+) -> Path:
+    """Generate `num_per_prompt` images per prompt into a PNG grid + a sidecar JSON."""
+    model_dir, metadata = _resolve_checkpoint(Path(checkpoint))
+    model = SiT.from_pretrained(model_dir)
+    encoder = get_encoder(metadata.get("text_encoder", "minilm"))
+    bank = encode_captions(list(prompts), encoder)
+    labels = torch.arange(len(prompts)).repeat_interleave(num_per_prompt)
+    codec = load_codec(metadata.get("latents", "identity"))
+    images = generate(
+        model, bank.conditions(labels), sample_config, codec=codec, progress=True
+    )
+    out = Path(out)
+    save_grid(images, out, columns=num_per_prompt)
+    sidecar = {
+        "checkpoint": str(model_dir),
+        "prompts": list(prompts),
+        "num_per_prompt": num_per_prompt,
+        "sample_config": to_dict(sample_config),
+        "model_config": to_dict(model.config),
+    }
+    out.with_suffix(".json").write_text(json.dumps(sidecar, indent=2) + "\n")
+    return out

@@ -1,0 +1,108 @@
+"""Labelled tile folders (ImageFolder layout) held in memory, and random-crop batches.
+
+`root/<class_name>/<image>.png|jpg|tif` -> uint8 tiles (N, 3, H, W) + labels. This is for
+small sets (demos, few-shot data); large sets go through sharded datasets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+
+
+class TileFolderError(ValueError):
+    """A tile folder is missing, empty or holds unusable images."""
+
+
+@dataclass(frozen=True)
+class TileSet:
+    images: torch.Tensor  # (N, 3, H, W) uint8
+    labels: torch.Tensor  # (N,) int64 index into class_names
+    class_names: tuple[str, ...]
+    paths: tuple[Path, ...]
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+def bundled_kather_dir() -> Path:
+    """The 96 Kather 2016 CRC tiles shipped with mupad (CC BY 4.0, see ATTRIBUTION.md)."""
+    return Path(str(resources.files("mupad") / "assets" / "kather2016"))
+
+
+def load_tile_folder(root: str | Path, size: int | None = None) -> TileSet:
+    """Read every image of `root/<class>/`; all tiles must share one size (or pass `size`)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise TileFolderError(f"tile folder {root} does not exist")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise TileFolderError(
+            f"{root} has no class subfolders; expected root/<class_name>/<tile>.png"
+        )
+    images, labels, paths = [], [], []
+    for label, class_dir in enumerate(class_dirs):
+        files = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        for path in files:
+            with Image.open(path) as image:
+                rgb = image.convert("RGB")
+                if size is not None and rgb.size != (size, size):
+                    rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
+                array = np.asarray(rgb, dtype=np.uint8)
+            images.append(torch.from_numpy(array.copy()).permute(2, 0, 1))  # (3, H, W)
+            labels.append(label)
+            paths.append(path)
+    if not images:
+        raise TileFolderError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
+    shapes = {tuple(im.shape) for im in images}
+    if len(shapes) > 1:
+        raise TileFolderError(
+            f"tiles in {root} have different sizes {sorted(shapes)}; pass size=... to resize"
+        )
+    return TileSet(
+        images=torch.stack(images),
+        labels=torch.tensor(labels, dtype=torch.long),
+        class_names=tuple(d.name for d in class_dirs),
+        paths=tuple(paths),
+    )
+
+
+def to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1]."""
+    return images.float().div(127.5).sub(1.0)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """float [-1, 1] -> uint8 [0, 255] (clamped)."""
+    return images.float().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def random_crops(
+    tiles: TileSet, crop: int, batch_size: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random tiles, random crops, random dihedral transforms (histology has no 'up').
+
+    Returns images (B, 3, crop, crop) in [-1, 1] and the indices of the tiles used (B,).
+    """
+    n, _, height, width = tiles.images.shape
+    if crop > min(height, width):
+        raise TileFolderError(f"crop {crop} is larger than the tiles ({height}x{width})")
+    index = torch.randint(n, (batch_size,), generator=generator)
+    top = torch.randint(height - crop + 1, (batch_size,), generator=generator)
+    left = torch.randint(width - crop + 1, (batch_size,), generator=generator)
+    flips = torch.randint(2, (batch_size,), generator=generator)
+    turns = torch.randint(4, (batch_size,), generator=generator)
+    out = []
+    for i in range(batch_size):
+        patch = tiles.images[index[i], :, top[i] : top[i] + crop, left[i] : left[i] + crop]
+        if flips[i]:
+            patch = patch.flip(-1)
+        out.append(torch.rot90(patch, int(turns[i]), dims=(-2, -1)))
+    return to_unit_range(torch.stack(out)), index
