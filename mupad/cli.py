@@ -91,7 +91,7 @@ def train(
         checkpoint_every=checkpoint_every,
         seed=seed,
     )
-    result = train_on_tile_folder(
+    run = train_on_tile_folder(
         data,
         out,
         preset=preset,
@@ -101,7 +101,7 @@ def train(
         text_encoder=text_encoder,
         train_config=train_config,
     )
-    console.print(f"[green]trained[/green] to step {result.step}: {result.checkpoint}")
+    console.print(f"[green]trained[/green] to step {run.result.step}: {run.result.checkpoint}")
 
 
 @app.command()
