@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -149,9 +149,9 @@ def presets() -> None:
 @app.command()
 def info(checkpoint: Path) -> None:
     """Print the configs stored with a checkpoint."""
-    from mupad.training.checkpoint import MODEL_CONFIG
+    from mupad.models.sit import CONFIG_NAME
 
-    for name in (MODEL_CONFIG, "train_state.json"):
+    for name in (CONFIG_NAME, "train_state.json"):
         path = checkpoint / name
         if path.exists():
             console.rule(name)

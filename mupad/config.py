@@ -159,7 +159,7 @@ def model_preset(name: str, **overrides: Any) -> ModelConfig:
             )
         hidden, depth, heads = _BACKBONES[size]
         patch = int(patch_text)
-    fields = dict(hidden_size=hidden, depth=depth, num_heads=heads, patch_size=patch)
+    fields = {"hidden_size": hidden, "depth": depth, "num_heads": heads, "patch_size": patch}
     fields.update(overrides)
     return ModelConfig(**fields)
 

@@ -8,9 +8,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mupad.cli import app
-from mupad.conditions import Conditions
 from mupad.conditioning import encoder_names, get_encoder
+from mupad.conditions import Conditions
 from mupad.config import (
+    ConfigError,
     CrossAttentionKind,
     GuidanceConfig,
     GuidanceMode,
@@ -21,7 +22,6 @@ from mupad.config import (
     model_preset,
     model_preset_names,
     parse_enum,
-    ConfigError,
 )
 from mupad.models import SiT
 from mupad.training.loop import autocast_context

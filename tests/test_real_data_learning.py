@@ -6,7 +6,7 @@ The trained model must beat both its own initialisation and the best data-blind 
 
 import torch
 
-from mupad.conditions import ConditionStream, Conditions
+from mupad.conditions import Conditions, ConditionStream
 from mupad.config import ModelConfig, Precision, TrainConfig
 from mupad.data.tiles import TileSet, bundled_kather_dir, load_tile_folder, random_crops
 from mupad.models import SiT

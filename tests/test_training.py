@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mupad.conditions import ConditionStream, Conditions
+from mupad.conditions import Conditions, ConditionStream
 from mupad.config import ModelConfig, Precision, TrainConfig
 from mupad.models import SiT
 from mupad.training.checkpoint import ResumeError, latest_checkpoint, list_checkpoints
@@ -27,10 +27,10 @@ def toy_batches(step: int, generator: torch.Generator) -> TrainBatch:
 
 
 def config(**overrides) -> TrainConfig:
-    fields = dict(
-        steps=6, batch_size=4, learning_rate=1e-3, checkpoint_every=3, log_every=1,
-        precision=Precision.FP32, ema_decay=0.99, keep_checkpoints=5,
-    )
+    fields = {
+        "steps": 6, "batch_size": 4, "learning_rate": 1e-3, "checkpoint_every": 3, "log_every": 1,
+        "precision": Precision.FP32, "ema_decay": 0.99, "keep_checkpoints": 5,
+    }
     fields.update(overrides)
     return TrainConfig(**fields)
 

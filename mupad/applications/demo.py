@@ -18,6 +18,9 @@ from pathlib import Path
 
 import torch
 
+from mupad.applications.figures import loss_curve_png, save_grid
+from mupad.applications.generate import generate
+from mupad.applications.train_tiles import train_on_tile_folder
 from mupad.config import (
     GuidanceConfig,
     ModelConfig,
@@ -32,9 +35,6 @@ from mupad.evaluation.pixel_stats import class_consistency, sliced_wasserstein_r
 from mupad.models import SiT
 from mupad.training.checkpoint import latest_checkpoint
 from mupad.training.loop import read_log
-from mupad.applications.figures import loss_curve_png, save_grid
-from mupad.applications.generate import generate
-from mupad.applications.train_tiles import train_on_tile_folder
 
 logger = logging.getLogger(__name__)
 

@@ -15,8 +15,17 @@ from typing import Any
 
 import torch
 
+from mupad.applications.figures import save_grid
+from mupad.applications.generate import generate
 from mupad.conditioning import get_encoder
-from mupad.config import CrossAttentionKind, ModelConfig, SampleConfig, TrainConfig, model_preset, to_dict
+from mupad.config import (
+    CrossAttentionKind,
+    ModelConfig,
+    SampleConfig,
+    TrainConfig,
+    model_preset,
+    to_dict,
+)
 from mupad.data.tiles import TileSet, load_tile_folder
 from mupad.latents import LatentCodec, load_codec
 from mupad.models import SiT
@@ -28,8 +37,6 @@ from mupad.training.captioned_tiles import (
 )
 from mupad.training.checkpoint import latest_checkpoint
 from mupad.training.loop import BatchFn, TrainBatch, Trainer, TrainResult
-from mupad.applications.figures import save_grid
-from mupad.applications.generate import generate
 
 
 @dataclass

@@ -109,6 +109,19 @@ class SiTBlock(nn.Module):
         return torch.addcmul(x, gate_m, self.mlp(h))  # x + gate * mlp(h)
 
 
+def write_model_files(
+    folder: Path, config: ModelConfig, state: dict[str, torch.Tensor]
+) -> None:
+    """The `from_pretrained` format: config.json + model.safetensors (not atomic by itself;
+    callers write into a temporary folder that is renamed when complete)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {name: value.detach().cpu().contiguous() for name, value in state.items()}
+    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt", "library": "mupad"})
+    save_json(config, folder / CONFIG_NAME)
+
+
 class SiT(nn.Module):
     """Scalable interpolant transformer with MUPAD's cross-attention and optional CLS token."""
 
@@ -385,15 +398,9 @@ class SiT(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write `model.safetensors` and `config.json` into `directory` (replaced atomically)."""
-        from safetensors.torch import save_file
-
         directory = Path(directory)
-        state = {
-            name: value.detach().cpu().contiguous() for name, value in self.state_dict().items()
-        }
         with atomic_directory(directory) as tmp:
-            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "library": "mupad"})
-            save_json(self.config, tmp / CONFIG_NAME)
+            write_model_files(tmp, self.config, self.state_dict())
         return directory
 
     @classmethod

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mupad.conditions import ConditionStream, Conditions
+from mupad.conditions import Conditions, ConditionStream
 from mupad.data.tiles import TileSet, random_crops
 from mupad.training.loop import TrainBatch
 

@@ -25,15 +25,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mupad.config import save_json
 from mupad.fileio import atomic_directory
+from mupad.models.sit import WEIGHTS_NAME, write_model_files
 from mupad.training.ema import EMA
 
 logger = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step-(\d{7,})$")
-MODEL_WEIGHTS = "model.safetensors"
-MODEL_CONFIG = "config.json"
 
 
 class ResumeError(RuntimeError):
@@ -71,17 +69,6 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def _state_on_cpu(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
-
-
-def write_model_folder(folder: Path, config: Any, tensors: dict[str, torch.Tensor]) -> None:
-    """The `from_pretrained` format: config.json + model.safetensors."""
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / MODEL_WEIGHTS))
-    save_json(config, folder / MODEL_CONFIG)
-
-
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
     state = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
@@ -106,9 +93,9 @@ def save_checkpoint(
     final = checkpoint_dir(run_dir, step)
     config = model.config  # type: ignore[attr-defined]
     with atomic_directory(final) as tmp:
-        write_model_folder(tmp, config, _state_on_cpu(model))
+        write_model_files(tmp, config, model.state_dict())
         if ema is not None:
-            write_model_folder(tmp / "ema", config, ema.state_dict())
+            write_model_files(tmp / "ema", config, ema.state_dict())
         opt_tensors, groups = _optimizer_tensors(optimizer)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         state = {
@@ -135,10 +122,10 @@ def load_checkpoint(
     """Restore model, EMA and optimizer in place from `folder`; return the saved state."""
     folder = Path(folder)
     state = json.loads((folder / "train_state.json").read_text())
-    weights = load_file(str(folder / MODEL_WEIGHTS))
+    weights = load_file(str(folder / WEIGHTS_NAME))
     model.load_state_dict(weights, strict=True)
     if ema is not None:
-        ema.load_state_dict(load_file(str(folder / "ema" / MODEL_WEIGHTS)), state["ema_updates"])
+        ema.load_state_dict(load_file(str(folder / "ema" / WEIGHTS_NAME)), state["ema_updates"])
     opt_tensors = load_file(str(folder / "optimizer.safetensors"))
     per_param: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in opt_tensors.items():

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from mupad.conditions import Conditions
 from mupad.config import Precision, TrainConfig, to_dict
+from mupad.models.sit import CONFIG_NAME
 from mupad.training.checkpoint import (
     ResumeError,
     latest_checkpoint,
@@ -118,7 +119,7 @@ class Trainer:
         folder = latest_checkpoint(self.run_dir)
         if folder is None:
             return 0
-        saved_model = json.loads((folder / "config.json").read_text())
+        saved_model = json.loads((folder / CONFIG_NAME).read_text())
         current_model = to_dict(self.model.config)  # type: ignore[attr-defined]
         if saved_model != current_model:
             changed = sorted(k for k in current_model if saved_model.get(k) != current_model[k])
