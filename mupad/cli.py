@@ -13,6 +13,7 @@ from rich.table import Table
 
 from mupad.config import (
     CrossAttentionKind,
+    DemoConfig,
     GuidanceConfig,
     GuidanceMode,
     GuidanceScheduleKind,
@@ -23,6 +24,8 @@ from mupad.config import (
     model_preset,
     model_preset_names,
 )
+
+_DEMO = DemoConfig()
 
 app = typer.Typer(
     help="MUPAD: multimodal pathology diffusion (H&E from image, text and RNA conditions).",
@@ -42,16 +45,16 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> 
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Output folder")] = Path("runs/demo"),
-    steps: Annotated[int, typer.Option(help="Training steps")] = 1500,
-    batch_size: Annotated[int, typer.Option(help="Crops per step")] = 32,
-    sample_steps: Annotated[int, typer.Option(help="Sampler steps for the grids")] = 100,
-    seed: int = 0,
+    steps: Annotated[int, typer.Option(help="Training steps")] = _DEMO.steps,
+    batch_size: Annotated[int, typer.Option(help="Crops per step")] = _DEMO.batch_size,
+    sample_steps: Annotated[int, typer.Option(help="Sampler steps for the grids")] = _DEMO.sample_steps,
+    seed: int = _DEMO.seed,
 ) -> None:
     """Train a small text-conditioned model on the bundled H&E tiles and write a report."""
-    from mupad.applications.demo import DemoSettings, run_demo
+    from mupad.applications.demo import run_demo
 
     index = run_demo(
-        out, DemoSettings(steps=steps, batch_size=batch_size, sample_steps=sample_steps, seed=seed)
+        out, DemoConfig(steps=steps, batch_size=batch_size, sample_steps=sample_steps, seed=seed)
     )
     console.print(f"[green]done[/green]: open {index}")
 

@@ -88,6 +88,9 @@ class ModelConfig:
     image_dim: int = 0
     text_dim: int = 0
     rna_dim: int = 0
+    # > 0: the RNA stream takes (B, rna_pathways, 1) pathway scores and embeds each into an
+    # rna_dim-wide token (value MLP + learned pathway identity); 0: tokens arrive rna_dim wide.
+    rna_pathways: int = 0
     cls_dim: int = 0  # width of the global (CLS) token; 0 means no CLS token
     sample_size: int = 32  # default spatial size used when sampling (not a restriction)
 
@@ -104,13 +107,26 @@ class ModelConfig:
             raise ConfigError(
                 f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
             )
-        for name in ("image_dim", "text_dim", "rna_dim", "cls_dim"):
+        for name in ("image_dim", "text_dim", "rna_dim", "rna_pathways", "cls_dim"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"ModelConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.rna_pathways and not self.rna_dim:
+            raise ConfigError(
+                f"rna_pathways={self.rna_pathways} needs rna_dim > 0, the width of the embedded "
+                "pathway tokens (e.g. rna_dim=hidden_size)"
+            )
         if self.sample_size % self.patch_size:
             raise ConfigError(
                 f"sample_size {self.sample_size} is not a multiple of patch_size {self.patch_size}"
             )
+
+    @property
+    def condition_input_dims(self) -> dict[str, int]:
+        """Modality name -> width of the tokens the model takes in (1 for pathway scores)."""
+        dims = self.condition_dims
+        if "rna" in dims and self.rna_pathways:
+            dims["rna"] = 1
+        return dims
 
     @property
     def condition_dims(self) -> dict[str, int]:
@@ -254,6 +270,18 @@ class TrainConfig:
             raise ConfigError(f"condition_dropout must be in [0, 1], got {self.condition_dropout}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    """`mupad demo`: training and sampling budget of the bundled-data demo."""
+
+    steps: int = 400  # ~4.5 min of bf16 training on 2 CPU cores
+    batch_size: int = 32
+    crop: int = 64
+    samples_per_class: int = 8
+    sample_steps: int = 50
+    seed: int = 0
 
 
 # --------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ from __future__ import annotations
 import html
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ from mupad.applications.figures import loss_curve_png, save_grid
 from mupad.applications.generate import generate
 from mupad.applications.train_tiles import train_on_tile_folder
 from mupad.config import (
+    DemoConfig,
     GuidanceConfig,
     ModelConfig,
     Precision,
@@ -50,16 +50,6 @@ KATHER_CAPTIONS = {
 }
 
 
-@dataclass(frozen=True)
-class DemoSettings:
-    steps: int = 1500
-    batch_size: int = 32
-    crop: int = 64
-    samples_per_class: int = 8
-    sample_steps: int = 100
-    seed: int = 0
-
-
 def demo_model_config(crop: int) -> ModelConfig:
     """A small SiT for 64 px RGB crops: 8x8 patches -> 8x8 tokens, text stream of width 384."""
     return ModelConfig(
@@ -73,7 +63,7 @@ def demo_model_config(crop: int) -> ModelConfig:
     )
 
 
-def demo_train_config(settings: DemoSettings) -> TrainConfig:
+def demo_train_config(settings: DemoConfig) -> TrainConfig:
     return TrainConfig(
         steps=settings.steps,
         batch_size=settings.batch_size,
@@ -90,9 +80,9 @@ def demo_train_config(settings: DemoSettings) -> TrainConfig:
     )
 
 
-def run_demo(out: str | Path = "runs/demo", settings: DemoSettings | None = None) -> Path:
+def run_demo(out: str | Path = "runs/demo", settings: DemoConfig | None = None) -> Path:
     """Train (or resume) the demo model and write the report; returns the index.html path."""
-    settings = settings or DemoSettings()
+    settings = settings or DemoConfig()
     out = Path(out)
     run = train_on_tile_folder(
         bundled_kather_dir(),
