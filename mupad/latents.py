@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from mupad.dtypes import parse_dtype
+
 logger = logging.getLogger(__name__)
 
 IDENTITY_NAMES = ("identity", "pixels", "pixel", "none")
@@ -40,15 +42,6 @@ VAE_HINT = (
     "then pass that folder, or put it under $MUPAD_CACHE/<name>"
 )
 _PIXEL_TOLERANCE = 1e-3  # how far outside [-1, 1] input pixels may stray (rounding)
-
-_DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-}
 
 
 class LatentsError(ValueError):
@@ -131,15 +124,6 @@ def _validate_latents(latents: Any, channels: int) -> None:
         raise LatentsError(f"latents must be floating point, got {latents.dtype}")
     if not bool(torch.isfinite(latents).all()):
         raise LatentsError("latents contain NaN or Inf (a diverged sampler or model?)")
-
-
-def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        if dtype in _DTYPES.values():
-            return dtype
-    elif str(dtype).lower() in _DTYPES:
-        return _DTYPES[str(dtype).lower()]
-    raise LatentsError(f"unsupported VAE dtype {dtype!r}; choose fp32 (default), bf16 or fp16")
 
 
 # --------------------------------------------------------------------------------------
@@ -305,7 +289,7 @@ class AutoencoderKLCodec(LatentCodec):
         if batch_size < 1:
             raise LatentsError(f"batch_size must be >= 1, got {batch_size}")
         self.folder = _vae_folder(folder)
-        self.dtype = _parse_dtype(dtype)
+        self.dtype = parse_dtype(dtype, LatentsError, "VAE dtype")
         self.device = torch.device(device)
         self.batch_size = batch_size
 

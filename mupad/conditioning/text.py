@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from mupad.conditioning.base import ConditionEncoder, EncoderError
 from mupad.conditioning.registry import register_encoder, resolve_weights
 from mupad.conditions import Modality
+from mupad.dtypes import parse_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -48,23 +49,6 @@ _GENERIC_HINT = (
     "--local-dir <folder>` on a machine with internet access, and pass that folder as the weights"
 )
 
-_DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-}
-
-
-def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        if dtype in _DTYPES.values():
-            return dtype
-    elif str(dtype).lower() in _DTYPES:
-        return _DTYPES[str(dtype).lower()]
-    raise EncoderError(f"unsupported dtype {dtype!r}; choose one of: fp32, bf16, fp16")
 
 
 class TextEncoder(ConditionEncoder):
@@ -96,7 +80,7 @@ class TextEncoder(ConditionEncoder):
         fixed_length: bool = False,
     ) -> None:
         self.name = model_name
-        self.dtype = _parse_dtype(dtype)
+        self.dtype = parse_dtype(dtype, EncoderError, "dtype")
         self.device = torch.device(device)
         if batch_size < 1:
             raise EncoderError(f"batch_size must be >= 1, got {batch_size}")

@@ -252,28 +252,21 @@ def reverse_ode(
 SamplerRunner = Callable[..., torch.Tensor]
 
 
-def _run_euler(
-    fn: VelocityFn,
-    noise: torch.Tensor,
-    cond: Conditions | None,
-    config: SampleConfig,
-    generator: torch.Generator | None,
-    progress: bool,
-    callback: StepCallback | None,
-) -> torch.Tensor:
-    return euler_ode(fn, noise, cond, config.num_steps, progress=progress, callback=callback)
+def _ode_runner(integrator: Callable[..., torch.Tensor]) -> SamplerRunner:
+    """Adapt a deterministic integrator to the runner signature (it needs no generator)."""
 
+    def run(
+        fn: VelocityFn,
+        noise: torch.Tensor,
+        cond: Conditions | None,
+        config: SampleConfig,
+        generator: torch.Generator | None,
+        progress: bool,
+        callback: StepCallback | None,
+    ) -> torch.Tensor:
+        return integrator(fn, noise, cond, config.num_steps, progress=progress, callback=callback)
 
-def _run_heun(
-    fn: VelocityFn,
-    noise: torch.Tensor,
-    cond: Conditions | None,
-    config: SampleConfig,
-    generator: torch.Generator | None,
-    progress: bool,
-    callback: StepCallback | None,
-) -> torch.Tensor:
-    return heun_ode(fn, noise, cond, config.num_steps, progress=progress, callback=callback)
+    return run
 
 
 def _run_sde(
@@ -299,8 +292,8 @@ def _run_sde(
 
 
 SAMPLERS: dict[SamplerKind, SamplerRunner] = {
-    SamplerKind.EULER: _run_euler,
-    SamplerKind.HEUN: _run_heun,
+    SamplerKind.EULER: _ode_runner(euler_ode),
+    SamplerKind.HEUN: _ode_runner(heun_ode),
     SamplerKind.SDE: _run_sde,
 }
 
