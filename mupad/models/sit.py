@@ -34,6 +34,7 @@ from mupad.models.attention import (
 )
 from mupad.models.embeddings import PositionEmbedding2D, TimestepEmbedder
 from mupad.models.errors import CheckpointError, ModelInputError
+from mupad.models.pathway_tokens import PathwayTokenizer
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -137,6 +138,9 @@ class SiT(nn.Module):
         self.cls_embed = nn.Linear(config.cls_dim, dim) if config.cls_dim else None
 
         self.condition_names = list(config.condition_dims)  # image, text, rna order
+        self.pathway_tokenizer = None
+        if config.rna_pathways and "rna" in self.condition_names:
+            self.pathway_tokenizer = PathwayTokenizer(config.rna_pathways, config.rna_dim)
         self.shared_encoder = None
         if self.condition_names and config.cross_attention is CrossAttentionKind.SHARED:
             self.shared_encoder = SharedConditionEncoder(dim, config.condition_dims)
@@ -167,6 +171,8 @@ class SiT(nn.Module):
         if self.shared_encoder is not None:
             for embedding in self.shared_encoder.modality_embedding.values():
                 nn.init.normal_(embedding, std=0.02)
+        if self.pathway_tokenizer is not None:
+            self.pathway_tokenizer.reset_parameters()
         # adaLN-Zero: zero gates, shifts and scales; zero output layers. The model starts as
         # the identity on its residual stream and outputs exactly 0.
         zero = [self.modulation, self.final_proj]
@@ -265,7 +271,7 @@ class SiT(nn.Module):
                 raise ModelInputError(
                     f"cond must be a mupad.conditions.Conditions, got {type(cond).__name__}"
                 )
-            dims = cfg.condition_dims
+            dims = cfg.condition_input_dims  # RNA: 1 when the model embeds pathway scores
             for modality, stream in cond.streams.items():
                 if modality.value not in dims:
                     have = ", ".join(dims) or "none (cross_attention is off or no widths set)"
@@ -274,9 +280,25 @@ class SiT(nn.Module):
                         f"its condition streams are: {have}"
                     )
                 if stream.tokens.dim() == 3 and stream.tokens.shape[-1] != dims[modality.value]:
+                    expected = (
+                        f"(batch, rna_pathways={cfg.rna_pathways}, 1) pathway scores"
+                        if modality.value == "rna" and cfg.rna_pathways
+                        else f"{modality.value}_dim={dims[modality.value]}"
+                    )
                     raise ModelInputError(
                         f"{modality.value} tokens are {stream.tokens.shape[-1]} wide but the model "
-                        f"expects {modality.value}_dim={dims[modality.value]}"
+                        f"expects {expected}"
+                    )
+                if (
+                    modality.value == "rna"
+                    and cfg.rna_pathways
+                    and stream.tokens.dim() == 3
+                    and stream.tokens.shape[1] != cfg.rna_pathways
+                ):
+                    raise ModelInputError(
+                        f"rna conditions carry {stream.tokens.shape[1]} pathway tokens but the "
+                        f"model was built for rna_pathways={cfg.rna_pathways}; score the same "
+                        "gene sets the model was trained on"
                     )
                 if stream.tokens.device != x.device:
                     raise ModelInputError(
@@ -316,6 +338,8 @@ class SiT(nn.Module):
             raise ModelInputError(
                 f"t must lie in [0, 1] (0 = data, 1 = noise), got values in [{t_min}, {t_max}]"
             )
+        if self.pathway_tokenizer is not None:
+            streams = [self._embed_pathways(s) if s.name == "rna" else s for s in streams]
         shared = self.shared_encoder(streams) if self.shared_encoder is not None else None
 
         batch, _, height, width = x.shape
@@ -352,6 +376,18 @@ class SiT(nn.Module):
         if self.cls_head is not None:
             cls_velocity = self.cls_head(tokens[:, 0]).to(cls_token.dtype)  # (B, cls_dim)
         return SiTOutput(velocity=velocity, cls_velocity=cls_velocity, hidden=hidden)
+
+    def _embed_pathways(self, stream: PreparedStream) -> PreparedStream:
+        """RNA pathway scores (B, P, 1) -> tokens (B, P, rna_dim), once per forward.
+
+        The prepared scores are already 0 wherever unused (padding, absent samples), so no
+        NaN reaches the tokenizer; its output is zeroed there again to keep the prepared-
+        stream contract (unused tokens exactly 0). Presence gating is unchanged.
+        """
+        tokens = self.pathway_tokenizer(stream.tokens)  # (B, P, rna_dim)
+        if not stream.all_used:
+            tokens = torch.where(stream.used[..., None], tokens, 0.0)
+        return dataclasses.replace(stream, tokens=tokens)
 
     def _embed_patches(self, x: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
         """(B, C, H, W) -> (B, h*w, D) contiguous, row-major over the token grid.
