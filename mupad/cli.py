@@ -35,6 +35,18 @@ app = typer.Typer(
 console = Console()
 
 
+def _mount_subcommands() -> None:
+    """Command groups that live next to their library code."""
+    from mupad.omics.cli import omics_app
+    from mupad.omics.st_cli import st_app
+
+    app.add_typer(omics_app, name="omics")
+    app.add_typer(st_app, name="st")
+
+
+_mount_subcommands()
+
+
 @app.callback()
 def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
     logging.basicConfig(
