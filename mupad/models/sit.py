@@ -57,7 +57,10 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(inner, hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))  # (B, N, D)
+        # Exact (erf) GELU rather than DiT's tanh approximation: the two differ by < 1e-3, but
+        # on CPU the tanh kernel measured 5.7x slower forward + backward (about 15 % of an
+        # SiT-S/2 training step).
+        return self.fc2(F.gelu(self.fc1(x)))  # (B, N, D)
 
 
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
