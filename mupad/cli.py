@@ -73,8 +73,14 @@ def demo(
 
 @app.command()
 def train(
-    data: Annotated[Path, typer.Option(help="Tile folder: <data>/<class_name>/<tile>.png")],
     out: Annotated[Path, typer.Option(help="Run folder (re-run the same command to resume)")],
+    data: Annotated[
+        Path | None, typer.Option(help="Tile folder: <data>/<class_name>/<tile>.png")
+    ] = None,
+    shards: Annotated[
+        Path | None,
+        typer.Option(help="Shard folder written by `mupad prepare` (cached latents and tokens)"),
+    ] = None,
     preset: Annotated[str, typer.Option(help="Model preset: " + ", ".join(model_preset_names()))] = "S/4",
     crop: Annotated[int, typer.Option(help="Training crop size in pixels")] = 64,
     latents: Annotated[
@@ -92,8 +98,9 @@ def train(
     checkpoint_every: int = 1000,
     seed: int = 0,
 ) -> None:
-    """Train a caption-conditioned model on a labelled tile folder (class name -> caption)."""
-    from mupad.applications.train_tiles import train_on_tile_folder
+    """Train on a labelled tile folder (class name -> caption) or on prepared shards."""
+    if (data is None) == (shards is None):
+        raise typer.BadParameter("give exactly one of --data (a tile folder) or --shards")
 
     train_config = TrainConfig(
         steps=steps,
@@ -106,17 +113,32 @@ def train(
         checkpoint_every=checkpoint_every,
         seed=seed,
     )
-    run = train_on_tile_folder(
-        data,
-        out,
-        preset=preset,
-        crop=crop,
-        latents=latents,
-        cross_attention=cross_attention,
-        text_encoder=text_encoder,
-        train_config=train_config,
-    )
-    console.print(f"[green]trained[/green] to step {run.result.step}: {run.result.checkpoint}")
+    if shards is not None:
+        from mupad.applications.train_shards import train_on_shards
+
+        result = train_on_shards(
+            shards,
+            out,
+            train_config=train_config,
+            preset=preset,
+            cross_attention=cross_attention,
+            latents=None if latents == "identity" else latents,
+            text_encoder=text_encoder,
+        ).result
+    else:
+        from mupad.applications.train_tiles import train_on_tile_folder
+
+        result = train_on_tile_folder(
+            data,
+            out,
+            preset=preset,
+            crop=crop,
+            latents=latents,
+            cross_attention=cross_attention,
+            text_encoder=text_encoder,
+            train_config=train_config,
+        ).result
+    console.print(f"[green]trained[/green] to step {result.step}: {result.checkpoint}")
 
 
 @app.command()

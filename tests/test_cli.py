@@ -121,3 +121,26 @@ def test_cli_rejects_a_bad_sampler_name(tmp_path):
                                  "--sampler", "ddim"])
     assert result.exit_code != 0
     assert "ddim" in result.output
+
+
+def test_train_from_prepared_shards_and_input_choice(tmp_path):
+    from mupad.data.shards import ShardWriter, write_manifest
+
+    shards = tmp_path / "shards"
+    generator = torch.Generator().manual_seed(0)
+    with ShardWriter(shards, prefix="tiles", shard_size=4) as writer:
+        for i in range(6):
+            image = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8, generator=generator)
+            writer.add({"image": image, "label": i % 2, "slide_id": "synthetic"})
+    write_manifest(shards)
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--shards", str(shards), "--out", str(run), "--preset",
+                                 "tiny", "--steps", "2", "--batch-size", "2",
+                                 "--checkpoint-every", "2"])
+    assert result.exit_code == 0, result.output
+    assert (run / "checkpoints" / "step-0000002" / "config.json").exists()
+
+    for extra in ([], ["--data", str(tmp_path), "--shards", str(shards)]):
+        result = runner.invoke(app, ["train", "--out", str(tmp_path / "x"), *extra])
+        assert result.exit_code != 0
+        assert "exactly one of --data" in result.output
