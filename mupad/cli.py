@@ -37,9 +37,11 @@ console = Console()
 
 def _mount_subcommands() -> None:
     """Command groups that live next to their library code."""
+    from mupad.data.prepare_cli import prepare
     from mupad.omics.cli import omics_app
     from mupad.omics.st_cli import st_app
 
+    app.command("prepare")(prepare)
     app.add_typer(omics_app, name="omics")
     app.add_typer(st_app, name="st")
 

@@ -447,3 +447,31 @@ def load_codec(spec: str | Path | LatentCodec | None = None, **kwargs: Any) -> L
         f"latent codec {str(spec)!r} is neither 'identity'/'pixels' nor an existing folder "
         f"(looked in: {looked}). Download {VAE_HINT}"
     )
+
+
+@torch.no_grad()
+def encode_moments(
+    codec: LatentCodec, pixels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixels (B, 3, H, W) in [-1, 1] -> posterior (mean, logvar), each (B, C, h, w) float32,
+    in the codec's scaled latent space: mean = (mu - shift) * scale and
+    logvar = log(sigma^2) + 2 log|scale|, so mean + exp(logvar / 2) * eps samples exactly
+    what `codec.encode(pixels, sample=True)` samples, and mean == `codec.encode(pixels)`.
+
+    For caching posteriors (`mupad prepare --latents`). Needs an AutoencoderKLCodec: the
+    identity codec has no posterior.
+    """
+    if not isinstance(codec, AutoencoderKLCodec):
+        raise LatentsError(
+            f"{codec.name} has no latent posterior to cache; pass an AutoencoderKL folder, or "
+            "store pixels (no latents) for pixel-space models"
+        )
+    validate_pixels(pixels, codec.downsample)
+    scale, shift = codec._factors(codec.device)
+    log_scale_sq = torch.log(scale.square())  # (1, C, 1, 1)
+    means, logvars = [], []
+    for chunk in pixels.split(codec.batch_size):
+        posterior = codec.vae.encode(chunk.to(codec.device, codec.dtype)).latent_dist
+        means.append(((posterior.mean.float() - shift) * scale).to(pixels.device))
+        logvars.append((posterior.logvar.float() + log_scale_sq).to(pixels.device))
+    return torch.cat(means), torch.cat(logvars)

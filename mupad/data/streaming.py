@@ -389,8 +389,10 @@ def shard_batches(
     position g: epoch g // len(dataset), position g % len(dataset)), so a run resumed at step
     s reads exactly the batches of the uninterrupted run. Latents are drawn from the cached
     posterior moments `latent_key` (B, 2C, h, w) = (mean, logvar) with the step's generator
-    (`sample_latents=False`: the mean), then mapped (z - latent_shift) * latent_scale (pass
-    the codec's shift/scaling factors). `latent_key=None` trains on the `image` field
+    (`sample_latents=False`: the mean), then mapped (z - latent_shift) * latent_scale.
+    Shards written by `mupad prepare` already hold moments in the codec's scaled space, so
+    keep the defaults (1, 0) for them; the factors exist for moments cached unscaled by other
+    tools. `latent_key=None` trains on the `image` field
     (uint8 -> [-1, 1]). Conditions: `text_tokens` + `text_mask` (text present where any token
     is real), `image_tokens`, `rna_scores` (B, P) -> (B, P, 1) pathway tokens (present where
     finite); each only if the shards hold it. `prefetch` (default True) reads the next
