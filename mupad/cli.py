@@ -40,10 +40,12 @@ def _mount_subcommands() -> None:
     from mupad.data.prepare_cli import prepare
     from mupad.omics.cli import omics_app
     from mupad.omics.st_cli import st_app
+    from mupad.vae.cli import vae_app
 
     app.command("prepare")(prepare)
     app.add_typer(omics_app, name="omics")
     app.add_typer(st_app, name="st")
+    app.add_typer(vae_app, name="vae")
 
 
 _mount_subcommands()

@@ -22,6 +22,8 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
     for stale in final.parent.glob(f".{final.name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    # mkdtemp creates 0700 folders; give the result the permissions mkdir() would have.
+    os.chmod(tmp, 0o777 & ~_current_umask())
     try:
         yield tmp
         old = None

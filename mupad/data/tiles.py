@@ -106,3 +106,52 @@ def random_crops(
             patch = patch.flip(-1)
         out.append(torch.rot90(patch, int(turns[i]), dims=(-2, -1)))
     return to_unit_range(torch.stack(out)), index
+
+
+def load_image_tiles(root: str | Path, size: int | None = None) -> TileSet:
+    """Every image under `root` (a flat folder, an ImageFolder layout or any nesting), as one
+    TileSet of square `size` x `size` centre crops.
+
+    `size=None` centre-crops every tile to the smallest side found. Labels index the image's
+    parent folder relative to `root` ("." for images directly in `root`). Files are read in
+    sorted path order, so the result (and any split of it) is deterministic.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise TileFolderError(f"tile folder {root} does not exist")
+    files = sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+    if not files:
+        raise TileFolderError(
+            f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}; put tiles in "
+            "root/<tile>.png or root/<class_name>/<tile>.png"
+        )
+    arrays = []
+    for path in files:
+        with Image.open(path) as image:
+            arrays.append(np.asarray(image.convert("RGB"), dtype=np.uint8))  # (H, W, 3)
+    side = min(min(a.shape[:2]) for a in arrays) if size is None else size
+    images = []
+    for path, array in zip(files, arrays):
+        height, width = array.shape[:2]
+        if height < side or width < side:
+            raise TileFolderError(
+                f"{path} is {height}x{width}, smaller than the tile size {side}; remove it or "
+                "pass a smaller size"
+            )
+        top, left = (height - side) // 2, (width - side) // 2
+        crop = array[top : top + side, left : left + side]
+        images.append(torch.from_numpy(crop.copy()).permute(2, 0, 1))  # (3, side, side)
+    groups = [str(p.parent.relative_to(root)) for p in files]
+    class_names = tuple(sorted(set(groups)))
+    return TileSet(
+        images=torch.stack(images),
+        labels=torch.tensor([class_names.index(g) for g in groups], dtype=torch.long),
+        class_names=class_names,
+        paths=tuple(files),
+    )
