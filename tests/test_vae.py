@@ -14,10 +14,11 @@ from typer.testing import CliRunner
 
 from mupad.data.tiles import TileFolderError, bundled_kather_dir, load_image_tiles
 from mupad.latents import load_codec
+from mupad.training.loop import read_log
 from mupad.vae import VAEConfigError, VAETrainConfig, psnr, ssim
 from mupad.vae.cli import vae_app
 from mupad.vae.model import build_autoencoder, vae_preset_names
-from mupad.vae.train import VAERunError, bicubic_baseline, read_vae_log, train_vae
+from mupad.vae.train import VAERunError, bicubic_baseline, train_vae
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -66,7 +67,7 @@ def test_presets_build_and_are_8x():
 
 
 def test_loss_drops_on_real_tiles(trained):
-    records = [r for r in read_vae_log(trained) if "l1" in r]
+    records = [r for r in read_log(trained) if "l1" in r]
     assert [r["step"] for r in records] == list(range(5, 41, 5))
     first, last = records[0]["l1"], min(r["l1"] for r in records[-3:])
     assert last < 0.75 * first, (first, last)
@@ -110,7 +111,7 @@ def test_resume_is_exact(tmp_path, trained):
     b = load_file(str(interrupted / "vae" / WEIGHTS))
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert [r["step"] for r in read_vae_log(interrupted)] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in read_log(interrupted)] == [1, 2, 3, 4, 5, 6]
     # Another run's settings in the same folder are refused.
     with pytest.raises(VAERunError, match="other settings"):
         train_vae(

@@ -69,7 +69,8 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
+    """AdamW-style state as flat safetensors-ready tensors ("<param>.<slot>") + param groups."""
     state = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     for index, per_param in state["state"].items():
@@ -77,6 +78,17 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
             value = torch.as_tensor(value)
             tensors[f"{index}.{key}"] = value.detach().to("cpu").contiguous()
     return tensors, state["param_groups"]
+
+
+def restore_optimizer(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], param_groups: list
+) -> None:
+    """Inverse of `optimizer_tensors`."""
+    per_param: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        index, _, name = key.partition(".")
+        per_param.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": per_param, "param_groups": param_groups})
 
 
 def save_checkpoint(
@@ -96,7 +108,7 @@ def save_checkpoint(
         write_model_files(tmp, config, model.state_dict())
         if ema is not None:
             write_model_files(tmp / "ema", config, ema.state_dict())
-        opt_tensors, groups = _optimizer_tensors(optimizer)
+        opt_tensors, groups = optimizer_tensors(optimizer)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         state = {
             "step": step,
@@ -126,12 +138,9 @@ def load_checkpoint(
     model.load_state_dict(weights, strict=True)
     if ema is not None:
         ema.load_state_dict(load_file(str(folder / "ema" / WEIGHTS_NAME)), state["ema_updates"])
-    opt_tensors = load_file(str(folder / "optimizer.safetensors"))
-    per_param: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in opt_tensors.items():
-        index, _, name = key.partition(".")
-        per_param.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": per_param, "param_groups": state["param_groups"]})
+    restore_optimizer(
+        optimizer, load_file(str(folder / "optimizer.safetensors")), state["param_groups"]
+    )
     return TrainState(
         step=int(state["step"]),
         ema_updates=int(state["ema_updates"]),

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -58,8 +58,13 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return generator
 
 
-def learning_rate(config: TrainConfig, step: int) -> float:
-    """Linear warm-up to `learning_rate`, then constant."""
+class WarmupSchedule(Protocol):
+    learning_rate: float
+    warmup_steps: int
+
+
+def learning_rate(config: WarmupSchedule, step: int) -> float:
+    """Linear warm-up to `learning_rate`, then constant (any config with those two fields)."""
     if config.warmup_steps > 0 and step < config.warmup_steps:
         return config.learning_rate * (step + 1) / config.warmup_steps
     return config.learning_rate

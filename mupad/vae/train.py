@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import shutil
 import time
 from collections.abc import Sequence
@@ -35,8 +34,9 @@ from tqdm.auto import tqdm
 from mupad.config import Precision
 from mupad.data.tiles import TileFolderError, TileSet, load_image_tiles, random_crops
 from mupad.fileio import atomic_directory, atomic_write_text
+from mupad.training.checkpoint import list_checkpoints, optimizer_tensors, restore_optimizer
 from mupad.training.ema import EMA
-from mupad.training.loop import step_generator
+from mupad.training.loop import learning_rate, step_generator
 from mupad.vae.config import VAEConfigError, VAETrainConfig
 from mupad.vae.metrics import psnr, ssim
 from mupad.vae.model import build_autoencoder, vae_preset
@@ -49,7 +49,6 @@ logger = logging.getLogger(__name__)
 RUN_CONFIG = "train_config.json"
 VAE_DIR = "vae"
 METRICS = "metrics.json"
-_STEP_DIR = re.compile(r"^step-(\d{7,})$")
 # Settings that may change when a run is resumed (they do not change the steps already taken).
 _RESUMABLE_CHANGES = {
     "steps",
@@ -211,18 +210,6 @@ def evaluate_vae(
 # ------------------------------------------------------------------------------- checkpoints
 
 
-def _checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    folder = run_dir / "checkpoints"
-    if not folder.is_dir():
-        return []
-    found = []
-    for path in folder.iterdir():
-        match = _STEP_DIR.match(path.name)
-        if match and (path / "train_state.json").is_file():
-            found.append((int(match.group(1)), path))
-    return sorted(found)
-
-
 def _save_checkpoint(
     run_dir: Path,
     step: int,
@@ -236,19 +223,15 @@ def _save_checkpoint(
         vae.save_pretrained(tmp / "model", safe_serialization=True)
         if ema is not None:
             save_file(ema.state_dict(), str(tmp / "ema.safetensors"))
-        tensors: dict[str, torch.Tensor] = {}
-        state = optimizer.state_dict()
-        for index, slots in state["state"].items():
-            for name, value in slots.items():
-                tensors[f"{index}.{name}"] = torch.as_tensor(value).contiguous()
+        tensors, param_groups = optimizer_tensors(optimizer)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         meta = {
             "step": step,
             "ema_updates": ema.num_updates if ema is not None else 0,
-            "param_groups": state["param_groups"],
+            "param_groups": param_groups,
         }
         (tmp / "train_state.json").write_text(json.dumps(meta, indent=2) + "\n")
-    for _, old in _checkpoints(run_dir)[:-keep]:
+    for _, old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -261,11 +244,9 @@ def _load_checkpoint(
     vae.load_state_dict(weights, strict=True)
     if ema is not None:
         ema.load_state_dict(load_file(str(folder / "ema.safetensors")), meta["ema_updates"])
-    per_param: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in load_file(str(folder / "optimizer.safetensors")).items():
-        index, _, name = key.partition(".")
-        per_param.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": per_param, "param_groups": meta["param_groups"]})
+    restore_optimizer(
+        optimizer, load_file(str(folder / "optimizer.safetensors")), meta["param_groups"]
+    )
     return int(meta["step"])
 
 
@@ -299,12 +280,6 @@ def _prepare_run_dir(run_dir: Path, record: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------- training
-
-
-def _learning_rate(config: VAETrainConfig, step: int) -> float:
-    if config.warmup_steps > 0 and step < config.warmup_steps:
-        return config.learning_rate * (step + 1) / config.warmup_steps
-    return config.learning_rate
 
 
 @torch.no_grad()
@@ -361,7 +336,7 @@ def train_vae(
         vae.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
     start = 0
-    saved = _checkpoints(run_dir)
+    saved = list_checkpoints(run_dir)
     if saved:
         start = _load_checkpoint(saved[-1][1], vae, ema, optimizer)
         if start > config.steps:
@@ -393,7 +368,7 @@ def train_vae(
                 tiles.train, config.crop, config.batch_size, generator
             )  # (B, 3, c, c)
             for group in optimizer.param_groups:
-                group["lr"] = _learning_rate(config, step)
+                group["lr"] = learning_rate(config, step)
             with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
                 posterior = vae.encode(x).latent_dist
                 z = posterior.sample(generator=generator)  # (B, 4, c/8, c/8)
@@ -427,7 +402,7 @@ def train_vae(
                     "mse": mse.item(),
                     "kl": kl.item(),
                     "grad_norm": grad_norm,
-                    "lr": _learning_rate(config, step),
+                    "lr": learning_rate(config, step),
                     "seconds_per_step": elapsed / max(window_steps, 1),
                 }
                 log.write(json.dumps(entry) + "\n")
@@ -472,11 +447,3 @@ def _weights_for_saving(vae: AutoencoderKL, ema: EMA | None) -> AutoencoderKL:
     averaged = copy.deepcopy(vae)
     ema.copy_to(averaged)
     return averaged
-
-
-def read_vae_log(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The JSONL log of a VAE run as a list of records."""
-    path = Path(run_dir) / "log.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
