@@ -36,6 +36,29 @@ class SamplerKind(str, enum.Enum):
     SDE = "sde"  # Euler-Maruyama on the reverse SDE (the paper's default)
 
 
+class Objective(str, enum.Enum):
+    """The training objective (the paper's alignment ablation arms)."""
+
+    SIT = "sit"  # velocity flow matching only
+    REPA = "repa"  # + alignment of hidden states to a frozen teacher through an MLP projector
+    MUPAD = "mupad"  # + alignment through a CNN projector on the token grid + CLS denoising
+
+
+class TeacherSource(str, enum.Enum):
+    CACHED = "cached"  # teacher features stored in the shards (`mupad prepare --image-encoder`)
+    ONLINE = "online"  # the teacher encodes each clean training image as it is drawn
+
+
+class ParallelKind(str, enum.Enum):
+    DDP = "ddp"  # replicated weights, all-reduced gradients
+    FSDP = "fsdp"  # weights, gradients and optimizer state sharded across processes
+
+
+class LRScheduleKind(str, enum.Enum):
+    CONSTANT = "constant"  # linear warm-up, then constant
+    COSINE = "cosine"  # linear warm-up, then cosine decay to `min_learning_rate`
+
+
 class GuidanceScheduleKind(str, enum.Enum):
     CONSTANT = "constant"
     LINEAR = "linear"  # linear anneal from `start` (at t=1, pure noise) to `end` (at t=0, data)
@@ -245,6 +268,50 @@ class SampleConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class AlignmentConfig:
+    """Representation alignment and CLS-token denoising (the paper's eq. 2 and 3).
+
+    `objective` picks the arm: SIT (none of it), REPA (MLP projector), MUPAD (CNN projector on
+    the token grid + the teacher's global embedding denoised as an extra token).
+    """
+
+    objective: Objective = Objective.SIT
+    teacher: str = "inception"  # image encoder registry name (see mupad.conditioning.image)
+    teacher_source: TeacherSource = TeacherSource.CACHED
+    teacher_field: str = "image_tokens"  # shard field with [global, h*w patches] teacher tokens
+    block: int = 0  # 1-based block whose hidden states are aligned; 0 = depth // 3 (REPA: 8/28)
+    align_weight: float = 0.5  # weight of the negative-cosine alignment loss
+    cls_weight: float = 0.03  # weight of the CLS-token velocity loss (MUPAD only)
+    projector_dim: int = 0  # hidden width of the projector; 0 = 2048 (MLP) / hidden_size (CNN)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "objective", parse_enum(Objective, self.objective))
+        object.__setattr__(self, "teacher_source", parse_enum(TeacherSource, self.teacher_source))
+        if self.block < 0 or self.projector_dim < 0:
+            raise ConfigError("alignment block and projector_dim must be >= 0")
+        if self.align_weight < 0 or self.cls_weight < 0:
+            raise ConfigError(
+                f"loss weights must be >= 0, got align {self.align_weight}, cls {self.cls_weight}"
+            )
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.objective is not Objective.SIT
+
+    @property
+    def uses_cls(self) -> bool:
+        """MUPAD with a nonzero CLS weight; otherwise the model carries no CLS token at all."""
+        return self.objective is Objective.MUPAD and self.cls_weight > 0
+
+    def resolved_block(self, depth: int) -> int:
+        """The 1-based block to align for a model of `depth` blocks."""
+        block = self.block or max(1, depth // 3)
+        if not 1 <= block <= depth:
+            raise ConfigError(f"alignment block {block} is outside the model's 1..{depth} blocks")
+        return block
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     steps: int = 1000
     batch_size: int = 32
@@ -261,11 +328,36 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
+    # `batch_size` is the global batch of one optimizer step, whatever the number of
+    # processes; each process takes batch_size / world_size rows of it, in
+    # `grad_accumulation` micro-batches.
+    grad_accumulation: int = 1
+    lr_schedule: LRScheduleKind = LRScheduleKind.CONSTANT
+    min_learning_rate: float = 0.0  # end of the cosine decay
+    max_nonfinite_steps: int = 20  # skipped steps (NaN/Inf loss or gradient) before giving up
+    gradient_checkpointing: bool = False  # recompute block activations in the backward pass
+    compile: bool = False  # torch.compile the training module
+    parallel: ParallelKind = ParallelKind.DDP  # under torchrun with more than one process
+    sample_every: int = 0  # write a sample grid every this many steps (0: never)
+    alignment: AlignmentConfig = dataclasses.field(default_factory=AlignmentConfig)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "precision", parse_enum(Precision, self.precision))
+        object.__setattr__(self, "lr_schedule", parse_enum(LRScheduleKind, self.lr_schedule))
+        object.__setattr__(self, "parallel", parse_enum(ParallelKind, self.parallel))
+        if isinstance(self.alignment, dict):
+            object.__setattr__(self, "alignment", AlignmentConfig(**self.alignment))
         if self.steps < 1 or self.batch_size < 1:
             raise ConfigError("steps and batch_size must be >= 1")
+        if self.grad_accumulation < 1 or self.max_nonfinite_steps < 0 or self.sample_every < 0:
+            raise ConfigError(
+                "grad_accumulation must be >= 1, max_nonfinite_steps and sample_every >= 0"
+            )
+        if self.batch_size % self.grad_accumulation:
+            raise ConfigError(
+                f"batch_size {self.batch_size} is not divisible by grad_accumulation "
+                f"{self.grad_accumulation}; every micro-batch must have the same size"
+            )
         if not 0.0 <= self.condition_dropout <= 1.0:
             raise ConfigError(f"condition_dropout must be in [0, 1], got {self.condition_dropout}")
         if not 0.0 <= self.ema_decay < 1.0:

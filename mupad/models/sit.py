@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mupad.conditions import Conditions
 from mupad.config import ConfigError, CrossAttentionKind, ModelConfig, from_dict, save_json
@@ -154,6 +155,8 @@ class SiT(nn.Module):
         self.modulation = nn.Linear(dim, (_MODULATIONS_PER_BLOCK * config.depth + 2) * dim)
         self.final_proj = nn.Linear(dim, patch * patch * config.out_channels)
         self.cls_head = nn.Linear(dim, config.cls_dim) if config.cls_dim else None
+        # A runtime switch, not part of the config: it changes memory, not the maths.
+        self.gradient_checkpointing = False
         self._init_weights()
 
     # ----------------------------------------------------------------------------------
@@ -365,9 +368,14 @@ class SiT(nn.Module):
         hidden = None
         for index, block in enumerate(self.blocks):
             start = _MODULATIONS_PER_BLOCK * index
-            tokens = block(
-                tokens, modulation[:, start : start + _MODULATIONS_PER_BLOCK], streams, shared
-            )
+            block_modulation = modulation[:, start : start + _MODULATIONS_PER_BLOCK]
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                # Keep only the block inputs; recompute the block in the backward pass.
+                tokens = checkpoint(
+                    block, tokens, block_modulation, streams, shared, use_reentrant=False
+                )
+            else:
+                tokens = block(tokens, block_modulation, streams, shared)
             if hidden_from_block == index + 1:
                 hidden = tokens[:, num_prefix:]  # (B, N, D)
 
@@ -423,7 +431,9 @@ class SiT(nn.Module):
         if self.config.cls_dim:
             raise ModelInputError(
                 "this model carries a CLS token (cls_dim > 0), whose state must be integrated "
-                "together with x; call forward(x, t, cond, cls_token=...) instead of velocity()"
+                "together with x; sample with mupad.models.cls_joint.velocity_fn(model, "
+                "(C, H, W)) on a state packed by mupad.models.cls_joint.pack_state(x, cls), or "
+                "call forward(x, t, cond, cls_token=...) directly"
             )
         return self.forward(x, t, cond).velocity
 

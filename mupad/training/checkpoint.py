@@ -4,9 +4,15 @@ Layout of one checkpoint folder (`<run>/checkpoints/step-0000500/`):
 
     config.json, model.safetensors        the raw weights, loadable with SiT.from_pretrained
     ema/config.json, ema/model.safetensors   the EMA weights, loadable the same way
-    optimizer.safetensors                 AdamW moments and step counts
-    train_state.json                      step, EMA update count, param-group hyper-parameters,
-                                          train config, extra run metadata
+    optimizer.safetensors                 AdamW moments and step counts, keyed "<param>.<slot>"
+    <module>.safetensors                  other trained modules (the alignment projector)
+    rng.safetensors                       torch CPU / CUDA generator states
+    train_state.json                      step, EMA update count, param groups, train config,
+                                          scheduler, data position, counters, numpy/python
+                                          RNG states, extra run metadata
+
+The folder is written under a temporary name and renamed when complete, so a run killed at
+any instant leaves either the previous checkpoints or the new one, never half of one.
 
 Nothing here unpickles anything: tensors go through safetensors, the rest through JSON.
 """
@@ -23,11 +29,10 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
 
+from mupad.config import ModelConfig
 from mupad.fileio import atomic_directory
 from mupad.models.sit import WEIGHTS_NAME, write_model_files
-from mupad.training.ema import EMA
 
 logger = logging.getLogger(__name__)
 
@@ -38,13 +43,17 @@ class ResumeError(RuntimeError):
     """A run folder cannot be resumed with the current configuration."""
 
 
-@dataclass(frozen=True)
-class TrainState:
+@dataclass
+class CheckpointContents:
+    """Everything a run needs to continue exactly; tensors are full (unsharded) CPU tensors."""
+
     step: int
-    ema_updates: int
-    param_groups: list[dict[str, Any]]
-    train_config: dict[str, Any]
-    extra: dict[str, Any]
+    model: dict[str, torch.Tensor]  # SiT weights
+    ema: dict[str, torch.Tensor] | None
+    optimizer: dict[str, Any]  # {'state': {param: {slot: tensor}}, 'param_groups': [...]}
+    modules: dict[str, dict[str, torch.Tensor]]  # other trained modules by name
+    rng: dict[str, torch.Tensor]  # generator states as uint8 tensors
+    state: dict[str, Any]  # JSON: ema_updates, train_config, scheduler, data, counters, ...
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -69,53 +78,60 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
-    """AdamW-style state as flat safetensors-ready tensors ("<param>.<slot>") + param groups."""
-    state = optimizer.state_dict()
+def flatten_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list]:
+    """An optimizer state dict -> safetensors-ready tensors "<param>.<slot>" + param groups.
+
+    <param> is the optimizer's key for the parameter: an index (torch.optim) or a parameter
+    name (torch.distributed.checkpoint's full state dicts).
+    """
     tensors: dict[str, torch.Tensor] = {}
-    for index, per_param in state["state"].items():
-        for key, value in per_param.items():
+    for key, per_param in state["state"].items():
+        for slot, value in per_param.items():
             value = torch.as_tensor(value)
-            tensors[f"{index}.{key}"] = value.detach().to("cpu").contiguous()
+            tensors[f"{key}.{slot}"] = value.detach().to("cpu").contiguous()
     return tensors, state["param_groups"]
+
+
+def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], param_groups: list) -> dict:
+    """Inverse of `flatten_optimizer_state` (slot names such as exp_avg contain no dot)."""
+    per_param: dict[int | str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        name, _, slot = key.rpartition(".")
+        per_param.setdefault(int(name) if name.isdigit() else name, {})[slot] = value
+    return {"state": per_param, "param_groups": param_groups}
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
+    """A local optimizer's state as flat tensors + param groups."""
+    return flatten_optimizer_state(optimizer.state_dict())
 
 
 def restore_optimizer(
     optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], param_groups: list
 ) -> None:
     """Inverse of `optimizer_tensors`."""
-    per_param: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        index, _, name = key.partition(".")
-        per_param.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": per_param, "param_groups": param_groups})
+    optimizer.load_state_dict(unflatten_optimizer_state(tensors, param_groups))
 
 
 def save_checkpoint(
-    run_dir: Path,
-    step: int,
-    model: nn.Module,
-    ema: EMA | None,
-    optimizer: torch.optim.Optimizer,
-    train_config: dict[str, Any],
-    extra: dict[str, Any] | None = None,
-    keep: int = 2,
+    run_dir: Path, contents: CheckpointContents, model_config: ModelConfig, keep: int = 2
 ) -> Path:
-    """Write one checkpoint atomically and prune older ones beyond `keep`."""
-    final = checkpoint_dir(run_dir, step)
-    config = model.config  # type: ignore[attr-defined]
+    """Write one checkpoint atomically and prune older ones beyond `keep` (0 keeps all)."""
+    final = checkpoint_dir(run_dir, contents.step)
     with atomic_directory(final) as tmp:
-        write_model_files(tmp, config, model.state_dict())
-        if ema is not None:
-            write_model_files(tmp / "ema", config, ema.state_dict())
-        opt_tensors, groups = optimizer_tensors(optimizer)
+        write_model_files(tmp, model_config, contents.model)
+        if contents.ema is not None:
+            write_model_files(tmp / "ema", model_config, contents.ema)
+        opt_tensors, groups = flatten_optimizer_state(contents.optimizer)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        for name, tensors in contents.modules.items():
+            save_file(_cpu(tensors), str(tmp / f"{name}.safetensors"))
+        save_file(_cpu(contents.rng), str(tmp / "rng.safetensors"))
         state = {
-            "step": step,
-            "ema_updates": ema.num_updates if ema is not None else 0,
+            "step": contents.step,
+            **contents.state,
             "param_groups": groups,
-            "train_config": train_config,
-            "extra": extra or {},
+            "modules": sorted(contents.modules),
         }
         (tmp / "train_state.json").write_text(json.dumps(state, indent=2) + "\n")
     if keep > 0:
@@ -125,26 +141,27 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(
-    folder: Path,
-    model: nn.Module,
-    ema: EMA | None,
-    optimizer: torch.optim.Optimizer,
-) -> TrainState:
-    """Restore model, EMA and optimizer in place from `folder`; return the saved state."""
+def load_checkpoint(folder: Path) -> CheckpointContents:
+    """Read a checkpoint folder written by `save_checkpoint` (nothing is unpickled)."""
     folder = Path(folder)
     state = json.loads((folder / "train_state.json").read_text())
-    weights = load_file(str(folder / WEIGHTS_NAME))
-    model.load_state_dict(weights, strict=True)
-    if ema is not None:
-        ema.load_state_dict(load_file(str(folder / "ema" / WEIGHTS_NAME)), state["ema_updates"])
-    restore_optimizer(
-        optimizer, load_file(str(folder / "optimizer.safetensors")), state["param_groups"]
+    ema_file = folder / "ema" / WEIGHTS_NAME
+    rng_file = folder / "rng.safetensors"
+    groups = state.pop("param_groups")
+    return CheckpointContents(
+        step=int(state.pop("step")),
+        model=load_file(str(folder / WEIGHTS_NAME)),
+        ema=load_file(str(ema_file)) if ema_file.is_file() else None,
+        optimizer=unflatten_optimizer_state(
+            load_file(str(folder / "optimizer.safetensors")), groups
+        ),
+        modules={
+            name: load_file(str(folder / f"{name}.safetensors")) for name in state.pop("modules", [])
+        },
+        rng=load_file(str(rng_file)) if rng_file.is_file() else {},
+        state=state,
     )
-    return TrainState(
-        step=int(state["step"]),
-        ema_updates=int(state["ema_updates"]),
-        param_groups=state["param_groups"],
-        train_config=state["train_config"],
-        extra=state.get("extra", {}),
-    )
+
+
+def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: value.detach().to("cpu").contiguous() for name, value in tensors.items()}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mupad.training.distributed import full_tensor, like
+
 
 class EMA:
     """Shadow copy of a model's floating-point parameters and buffers.
@@ -41,18 +43,21 @@ class EMA:
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
-        """Load the averaged weights into `model` (in the model's dtypes)."""
+        """Load the averaged weights into `model` (in the model's dtypes; same sharding)."""
         state = model.state_dict()
         for name, value in self.shadow.items():
             state[name].copy_(value.to(state[name].dtype))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return dict(self.shadow)
+        """Full (unsharded) shadow tensors; collective when the model is FSDP-sharded."""
+        return {name: full_tensor(value) for name, value in self.shadow.items()}
 
+    @torch.no_grad()
     def load_state_dict(self, tensors: dict[str, torch.Tensor], num_updates: int) -> None:
+        """Load full tensors (as `state_dict` returns them), re-sharded like the shadow."""
         missing = set(self.shadow) - set(tensors)
         if missing:
             raise KeyError(f"EMA state lacks {sorted(missing)[:5]}")
-        for name in self.shadow:
-            self.shadow[name].copy_(tensors[name])
+        for name, shadow in self.shadow.items():
+            shadow.copy_(like(shadow, tensors[name].float()))
         self.num_updates = num_updates
