@@ -12,14 +12,19 @@ from rich.console import Console
 from rich.table import Table
 
 from mupad.config import (
+    AlignmentConfig,
     CrossAttentionKind,
     DemoConfig,
     GuidanceConfig,
     GuidanceMode,
     GuidanceScheduleKind,
+    LRScheduleKind,
+    Objective,
+    ParallelKind,
     Precision,
     SampleConfig,
     SamplerKind,
+    TeacherSource,
     TrainConfig,
     model_preset,
     model_preset_names,
@@ -90,19 +95,67 @@ def train(
     latents: Annotated[
         str, typer.Option(help="'identity' (pixel space) or a local AutoencoderKL folder")
     ] = "identity",
-    cross_attention: CrossAttentionKind = CrossAttentionKind.DECOUPLED,
+    cross_attention: Annotated[
+        CrossAttentionKind, typer.Option(help="Decoupled per-modality streams or one shared")
+    ] = CrossAttentionKind.DECOUPLED,
     text_encoder: Annotated[str, typer.Option(help="Caption encoder name")] = "minilm",
+    conditions: Annotated[
+        str | None,
+        typer.Option(
+            help="Shards: comma-separated condition streams to train (text,image,rna); "
+            "'none' = unconditional; default: every condition the shards hold"
+        ),
+    ] = None,
+    objective: Annotated[
+        Objective,
+        typer.Option(help="sit: velocity only; repa: + MLP alignment; mupad: + CNN alignment + CLS"),
+    ] = Objective.SIT,
+    teacher: Annotated[str, typer.Option(help="Alignment teacher (image encoder name)")] = "inception",
+    teacher_source: Annotated[
+        TeacherSource, typer.Option(help="cached: shard features; online: encode each image")
+    ] = TeacherSource.CACHED,
+    align_weight: float = 0.5,
+    cls_weight: float = 0.03,
+    align_block: Annotated[int, typer.Option(help="1-based block to align; 0 = depth // 3")] = 0,
     steps: int = 10_000,
-    batch_size: int = 32,
+    batch_size: Annotated[int, typer.Option(help="Global batch of one optimizer step")] = 32,
+    grad_accumulation: Annotated[int, typer.Option(help="Micro-batches per step and process")] = 1,
     lr: float = 1e-4,
+    lr_schedule: LRScheduleKind = LRScheduleKind.CONSTANT,
+    min_lr: Annotated[float, typer.Option(help="End of the cosine decay")] = 0.0,
     warmup_steps: int = 0,
+    weight_decay: float = 0.0,
+    grad_clip: Annotated[float, typer.Option(help="Max gradient norm; 0 disables")] = 1.0,
     ema_decay: float = 0.9999,
     precision: Precision = Precision.BF16,
     condition_dropout: float = 0.1,
+    max_nonfinite_steps: Annotated[
+        int, typer.Option(help="NaN/Inf steps skipped before training stops")
+    ] = 20,
+    gradient_checkpointing: Annotated[
+        bool, typer.Option(help="Recompute activations in the backward pass (less memory)")
+    ] = False,
+    compile: Annotated[bool, typer.Option(help="torch.compile the training step")] = False,
+    parallel: Annotated[
+        ParallelKind, typer.Option(help="Under torchrun: ddp or fsdp")
+    ] = ParallelKind.DDP,
+    device: Annotated[str, typer.Option(help="auto (a GPU when present), cpu, cuda")] = "auto",
+    log_every: int = 10,
     checkpoint_every: int = 1000,
+    keep_checkpoints: int = 2,
+    sample_every: Annotated[
+        int, typer.Option(help="Write a sample grid every N steps (shards; 0: never)")
+    ] = 0,
     seed: int = 0,
 ) -> None:
-    """Train on a labelled tile folder (class name -> caption) or on prepared shards."""
+    """Train on a labelled tile folder (class name -> caption) or on prepared shards.
+
+    Launch with `torchrun --nproc_per_node N -m mupad.cli train ...` (or `torchrun $(which
+    mupad) train ...`) for data-parallel training; the global batch, learning rate and data
+    order do not depend on N.
+    """
+    from mupad.training import distributed
+
     if (data is None) == (shards is None):
         raise typer.BadParameter("give exactly one of --data (a tile folder) or --shards")
 
@@ -110,39 +163,187 @@ def train(
         steps=steps,
         batch_size=batch_size,
         learning_rate=lr,
+        lr_schedule=lr_schedule,
+        min_learning_rate=min_lr,
         warmup_steps=warmup_steps,
+        weight_decay=weight_decay,
+        grad_clip=grad_clip,
         ema_decay=ema_decay,
         precision=precision,
         condition_dropout=condition_dropout,
+        log_every=log_every,
         checkpoint_every=checkpoint_every,
+        keep_checkpoints=keep_checkpoints,
+        grad_accumulation=grad_accumulation,
+        max_nonfinite_steps=max_nonfinite_steps,
+        gradient_checkpointing=gradient_checkpointing,
+        compile=compile,
+        parallel=parallel,
+        sample_every=sample_every,
         seed=seed,
+        alignment=AlignmentConfig(
+            objective=objective,
+            teacher=teacher,
+            teacher_source=teacher_source,
+            block=align_block,
+            align_weight=align_weight,
+            cls_weight=cls_weight,
+        ),
     )
-    if shards is not None:
-        from mupad.applications.train_shards import train_on_shards
+    dist = distributed.from_environment(device)
+    try:
+        if shards is not None:
+            from mupad.applications.train_shards import train_on_shards
 
-        result = train_on_shards(
-            shards,
-            out,
-            train_config=train_config,
-            preset=preset,
-            cross_attention=cross_attention,
-            latents=None if latents == "identity" else latents,
-            text_encoder=text_encoder,
-        ).result
-    else:
-        from mupad.applications.train_tiles import train_on_tile_folder
+            result = train_on_shards(
+                shards,
+                out,
+                train_config=train_config,
+                preset=preset,
+                cross_attention=cross_attention,
+                latents=None if latents == "identity" else latents,
+                text_encoder=text_encoder,
+                modalities=_parse_conditions(conditions),
+                dist=dist,
+            ).result
+        else:
+            from mupad.applications.train_tiles import train_on_tile_folder
 
-        result = train_on_tile_folder(
-            data,
-            out,
-            preset=preset,
-            crop=crop,
-            latents=latents,
-            cross_attention=cross_attention,
-            text_encoder=text_encoder,
-            train_config=train_config,
-        ).result
+            result = train_on_tile_folder(
+                data,
+                out,
+                preset=preset,
+                crop=crop,
+                latents=latents,
+                cross_attention=cross_attention,
+                text_encoder=text_encoder,
+                train_config=train_config,
+                dist=dist,
+            ).result
+    finally:
+        distributed.shutdown(dist)
+    if not dist.is_main:
+        return
+    if result.skipped_steps:
+        console.print(f"[yellow]{result.skipped_steps} non-finite steps were skipped[/yellow]")
     console.print(f"[green]trained[/green] to step {result.step}: {result.checkpoint}")
+
+
+def _parse_conditions(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    if text.strip().lower() == "none":
+        return []
+    return [part.strip().lower() for part in text.split(",") if part.strip()]
+
+
+@app.command()
+def ablate(
+    shards: Annotated[Path, typer.Option(help="Training shard folder (`mupad prepare`)")],
+    val_shards: Annotated[
+        Path, typer.Option(help="Held-out shard folder; its first --eval-records records score")
+    ],
+    out: Annotated[Path, typer.Option(help="Output folder (re-run the same command to resume)")],
+    arms: Annotated[
+        str, typer.Option(help="objectives (sit, repa, mupad), attention (decoupled, shared), all")
+    ] = "objectives",
+    preset: Annotated[str, typer.Option(help="Model preset: " + ", ".join(model_preset_names()))] = "S/4",
+    steps: Annotated[int, typer.Option(help="Training steps of every arm")] = 10_000,
+    eval_every: Annotated[int, typer.Option(help="Score every arm every N steps")] = 1000,
+    eval_records: Annotated[int, typer.Option(help="Held-out records scored")] = 256,
+    eval_batch_size: Annotated[int, typer.Option(help="Batch of the held-out evaluation")] = 64,
+    eval_seed: Annotated[int, typer.Option(help="Seed of the held-out t and noise")] = 0,
+    conditions: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated condition streams (text,image,rna); 'none' = unconditional; "
+            "default: every condition the shards hold"
+        ),
+    ] = None,
+    teacher: Annotated[str, typer.Option(help="Alignment teacher (image encoder name)")] = "inception",
+    teacher_source: Annotated[
+        TeacherSource, typer.Option(help="cached: shard features; online: encode each image")
+    ] = TeacherSource.CACHED,
+    align_weight: float = 0.5,
+    cls_weight: float = 0.03,
+    align_block: Annotated[int, typer.Option(help="1-based block to align; 0 = depth // 3")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Global batch of one optimizer step")] = 32,
+    lr: float = 1e-4,
+    warmup_steps: int = 0,
+    weight_decay: float = 0.0,
+    grad_clip: Annotated[float, typer.Option(help="Max gradient norm; 0 disables")] = 1.0,
+    ema_decay: float = 0.9999,
+    precision: Precision = Precision.BF16,
+    condition_dropout: float = 0.1,
+    latents: Annotated[
+        str, typer.Option(help="VAE the shards were prepared with (recorded in checkpoints)")
+    ] = "identity",
+    text_encoder: Annotated[str, typer.Option(help="Caption encoder name (recorded)")] = "minilm",
+    device: Annotated[str, typer.Option(help="auto (a GPU when present), cpu, cuda")] = "auto",
+    keep_checkpoints: int = 2,
+    seed: int = 0,
+) -> None:
+    """Ablations: train every arm on the same data, seed and steps; score held-out velocity
+    MSE (raw and EMA weights) every --eval-every steps; write ablation.{jsonl,csv,md,png}."""
+    from mupad.applications.ablate import ArmSet, run_ablation
+    from mupad.config import ConfigError, parse_enum
+
+    try:
+        arm_set = parse_enum(ArmSet, arms)
+    except ConfigError as error:
+        raise typer.BadParameter(str(error), param_hint="--arms") from None
+    train_config = TrainConfig(
+        steps=steps,
+        batch_size=batch_size,
+        learning_rate=lr,
+        warmup_steps=warmup_steps,
+        weight_decay=weight_decay,
+        grad_clip=grad_clip,
+        ema_decay=ema_decay,
+        precision=precision,
+        condition_dropout=condition_dropout,
+        checkpoint_every=eval_every,
+        keep_checkpoints=keep_checkpoints,
+        seed=seed,
+        alignment=AlignmentConfig(
+            teacher=teacher,
+            teacher_source=teacher_source,
+            block=align_block,
+            align_weight=align_weight,
+            cls_weight=cls_weight,
+        ),
+    )
+    result = run_ablation(
+        shards,
+        val_shards,
+        out,
+        arms=arm_set,
+        preset=preset,
+        train_config=train_config,
+        eval_every=eval_every,
+        eval_records=eval_records,
+        eval_batch_size=eval_batch_size,
+        eval_seed=eval_seed,
+        modalities=_parse_conditions(conditions),
+        latents=None if latents == "identity" else latents,
+        text_encoder=text_encoder,
+        device=device,
+    )
+    table = result.table
+    for key in table.metric_keys:
+        view = Table("arm", *(f"step {s}" for s in table.steps), "best", title=f"held-out {key}")
+        for arm in table.arms:
+            values = table.values[key][arm]
+            best = table.best(key, arm)
+            view.add_row(
+                arm,
+                *(f"{values[s]:.5f}" if s in values else "" for s in table.steps),
+                "" if best is None else f"{best[1]:.5f} (step {best[0]})",
+            )
+        console.print(view)
+    console.print(result.note)
+    for path in result.files.values():
+        console.print(f"[green]wrote[/green] {path}")
 
 
 @app.command()

@@ -9,18 +9,30 @@ shards' schema unless a full `model_config` is given.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mupad.config import CrossAttentionKind, ModelConfig, TrainConfig, model_preset
+from mupad.applications.progress_samples import ProgressSamples
+from mupad.config import (
+    AlignmentConfig,
+    CrossAttentionKind,
+    ModelConfig,
+    TeacherSource,
+    TrainConfig,
+    model_preset,
+)
 from mupad.data.shards import ShardError
 from mupad.data.streaming import ShardBatches, ShardedDataset
+from mupad.latents import load_codec
 from mupad.models import SiT
-from mupad.training.loop import Trainer, TrainResult
+from mupad.training.distributed import DistContext
+from mupad.training.loop import Trainer, TrainResult, step_generator
+from mupad.training.objectives import objective_model_config
+from mupad.training.teacher import TeacherSpec, online_teacher, spec_from_token_shape
 
 LATENT_KEY = "latent_moments"
 IMAGE_KEY = "image"
@@ -33,8 +45,37 @@ class ShardRun:
     result: TrainResult
 
 
-def model_widths(schema: Mapping[str, Any], *, use_latents: bool = True) -> dict[str, int]:
-    """ModelConfig fields implied by a shard schema {field: {'shape', 'dtype'}}."""
+# Shard field of each condition modality.
+CONDITION_FIELDS = {"text": "text_tokens", "image": "image_tokens", "rna": "rna_scores"}
+
+
+def condition_fields(
+    schema: Mapping[str, Any], modalities: Sequence[str] | None
+) -> dict[str, str | None]:
+    """{modality: shard field or None}: every condition the shards hold (modalities=None),
+    or exactly the requested ones (an error names any the shards lack)."""
+    held = {m: f for m, f in CONDITION_FIELDS.items() if f in schema}
+    if modalities is None:
+        return {m: held.get(m) for m in CONDITION_FIELDS}
+    unknown = sorted(set(modalities) - set(CONDITION_FIELDS))
+    if unknown:
+        raise ShardError(f"unknown condition(s) {unknown}; choose from {sorted(CONDITION_FIELDS)}")
+    missing = sorted(m for m in modalities if m not in held)
+    if missing:
+        raise ShardError(
+            f"the shards hold no {', '.join(missing)} condition (fields: {sorted(schema)})"
+        )
+    return {m: (held[m] if m in modalities else None) for m in CONDITION_FIELDS}
+
+
+def model_widths(
+    schema: Mapping[str, Any],
+    *,
+    use_latents: bool = True,
+    modalities: Sequence[str] | None = None,
+) -> dict[str, int]:
+    """ModelConfig fields implied by a shard schema {field: {'shape', 'dtype'}} (condition
+    widths only for the `modalities` used; None = all the shards hold)."""
     widths: dict[str, int] = {}
     if use_latents and LATENT_KEY in schema:
         channels2, height, _ = schema[LATENT_KEY]["shape"]  # (2C, h, w)
@@ -47,13 +88,39 @@ def model_widths(schema: Mapping[str, Any], *, use_latents: bool = True) -> dict
             f"the shards hold neither {LATENT_KEY!r} nor {IMAGE_KEY!r} (fields: {sorted(schema)}); "
             "re-run `mupad prepare` with latents or pixels"
         )
-    if "text_tokens" in schema:
-        widths["text_dim"] = schema["text_tokens"]["shape"][-1]
-    if "image_tokens" in schema:
-        widths["image_dim"] = schema["image_tokens"]["shape"][-1]
-    if "rna_scores" in schema:
-        widths["rna_pathways"] = schema["rna_scores"]["shape"][0]
+    fields = condition_fields(schema, modalities)
+    if fields["text"]:
+        widths["text_dim"] = schema[fields["text"]]["shape"][-1]
+    if fields["image"]:
+        widths["image_dim"] = schema[fields["image"]]["shape"][-1]
+    if fields["rna"]:
+        widths["rna_pathways"] = schema[fields["rna"]]["shape"][0]
     return widths
+
+
+def teacher_for_shards(
+    schema: Mapping[str, Any], alignment: AlignmentConfig
+) -> tuple[TeacherSpec | None, str | None, str | None]:
+    """(teacher spec, shard field of cached teacher tokens, shard field of pixels) for an
+    objective: cached features by default, the `image` pixels for an online teacher."""
+    if not alignment.uses_teacher:
+        return None, None, None
+    if alignment.teacher_source is TeacherSource.ONLINE:
+        if IMAGE_KEY not in schema:
+            raise ShardError(
+                f"an online teacher encodes the clean images, but the shards hold no "
+                f"{IMAGE_KEY!r} field; re-run `mupad prepare --keep-pixels`, or use the cached "
+                "teacher (`mupad prepare --image-encoder NAME`)"
+            )
+        return None, None, IMAGE_KEY
+    field = alignment.teacher_field
+    if field not in schema:
+        raise ShardError(
+            f"the {alignment.objective.value} objective aligns to cached teacher features, but "
+            f"the shards hold no {field!r} field (fields: {sorted(schema)}); re-run `mupad "
+            f"prepare --image-encoder {alignment.teacher}`, or pass --teacher-source online"
+        )
+    return spec_from_token_shape(schema[field]["shape"]), field, None
 
 
 def train_on_shards(
@@ -68,37 +135,81 @@ def train_on_shards(
     sample_latents: bool = True,
     latents: str | None = None,
     text_encoder: str | None = None,
-    rank: int = 0,
-    world_size: int = 1,
+    modalities: Sequence[str] | None = None,
+    dist: DistContext | None = None,
+    preview_images: int = 8,
     progress: bool = True,
 ) -> ShardRun:
     """Train on the shards under `data`; resumes if `out` already holds a run.
 
     `latents` / `text_encoder` name the VAE and text encoder the shards were prepared with;
     they are stored in the checkpoint metadata so samples can be decoded and prompted later.
-    `rank` / `world_size` pick this process's disjoint part of every epoch.
+    `modalities` picks the condition streams (e.g. ["text"]; [] trains unconditionally);
+    None uses every condition the shards hold.
+    Under torchrun pass `dist=distributed.from_environment()`: every process reads the
+    step's whole global batch (cheap with cached latents and tokens) and trains on its rows,
+    so data order and noise are the same for any number of processes.
     """
-    dataset = ShardedDataset(data, seed=train_config.seed, rank=rank, world_size=world_size)
+    dataset = ShardedDataset(data, seed=train_config.seed)
     schema = dataset.schema
+    alignment = train_config.alignment
+    teacher, teacher_key, pixels_key = teacher_for_shards(schema, alignment)
     if model_config is None:
-        widths = model_widths(schema, use_latents=use_latents)
+        widths = model_widths(schema, use_latents=use_latents, modalities=modalities)
         if "rna_pathways" in widths:
             widths["rna_dim"] = model_preset(preset).hidden_size
         model_config = model_preset(preset, cross_attention=cross_attention, **widths)
     latent_key = LATENT_KEY if use_latents and LATENT_KEY in schema else None
+    fields = condition_fields(schema, modalities)
     batches = ShardBatches(
-        dataset, train_config.batch_size, latent_key=latent_key, sample_latents=sample_latents
+        dataset,
+        train_config.batch_size,
+        latent_key=latent_key,
+        sample_latents=sample_latents,
+        text_key=fields["text"],
+        image_cond_key=fields["image"],
+        rna_key=fields["rna"],
+        teacher_key=teacher_key,
+        pixels_key=pixels_key,
     )
+    trainer_device = dist.device if dist is not None else torch.device("cpu")
+    teacher_online = online_teacher(alignment, trainer_device)
+    if teacher_online is not None:
+        teacher = teacher_online.spec
+    model_config = objective_model_config(model_config, alignment, teacher)
     torch.manual_seed(train_config.seed)
     model = SiT(model_config)
+    codec_name = latents if latent_key is not None else "identity"
     metadata: dict[str, Any] = {
         "data": str(data),
         "shard_fields": sorted(schema),
         "records_per_epoch": len(dataset),
-        "latents": latents if latent_key is not None else "identity",
+        "latents": codec_name,
         "text_encoder": text_encoder,
+        "objective": alignment.objective.value,
+        "conditions": sorted(m for m, f in fields.items() if f),
     }
-    trainer = Trainer(model, train_config, out, batches, metadata=metadata, progress=progress)
+    sample_hook = None
+    if train_config.sample_every:
+        first = batches(0, step_generator(train_config.seed, 0))
+        sample_hook = ProgressSamples(
+            Path(out) / "samples",
+            first.cond,
+            min(preview_images, train_config.batch_size),
+            load_codec(codec_name),
+        )
+    trainer = Trainer(
+        model,
+        train_config,
+        out,
+        batches,
+        dist=dist,
+        teacher=teacher,
+        online=teacher_online,
+        metadata=metadata,
+        sample_hook=sample_hook,
+        progress=progress,
+    )
     try:
         result = trainer.train()
     finally:

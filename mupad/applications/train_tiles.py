@@ -19,9 +19,11 @@ from mupad.applications.figures import save_grid
 from mupad.applications.generate import generate
 from mupad.conditioning import get_encoder
 from mupad.config import (
+    ConfigError,
     CrossAttentionKind,
     ModelConfig,
     SampleConfig,
+    TeacherSource,
     TrainConfig,
     model_preset,
     to_dict,
@@ -36,7 +38,10 @@ from mupad.training.captioned_tiles import (
     encode_captions,
 )
 from mupad.training.checkpoint import latest_checkpoint
+from mupad.training.distributed import DistContext
 from mupad.training.loop import BatchFn, TrainBatch, Trainer, TrainResult
+from mupad.training.objectives import objective_model_config
+from mupad.training.teacher import online_teacher
 
 
 @dataclass
@@ -53,7 +58,7 @@ def _encoded(batch_fn: BatchFn, codec: LatentCodec) -> BatchFn:
     def encode(step: int, generator: torch.Generator) -> TrainBatch:
         batch = batch_fn(step, generator)
         with torch.no_grad():
-            return dataclasses.replace(batch, x0=codec.encode(batch.x0))
+            return dataclasses.replace(batch, x0=codec.encode(batch.x0), pixels=batch.pixels)
 
     return encode
 
@@ -70,6 +75,7 @@ def train_on_tile_folder(
     cross_attention: CrossAttentionKind = CrossAttentionKind.DECOUPLED,
     text_encoder: str = "minilm",
     captions: dict[str, str] | None = None,
+    dist: DistContext | None = None,
     progress: bool = True,
 ) -> TileRun:
     """Train a caption-conditioned SiT on `data/<class>/<tile>` crops; resumes if `out` has a run."""
@@ -89,9 +95,22 @@ def train_on_tile_folder(
             cross_attention=cross_attention,
             sample_size=crop // codec.downsample,
         )
+    alignment = train_config.alignment
+    if alignment.uses_teacher and alignment.teacher_source is not TeacherSource.ONLINE:
+        raise ConfigError(
+            f"the {alignment.objective.value} objective needs teacher features; a tile folder "
+            "has no cached ones: pass --teacher-source online, or `mupad prepare` the folder "
+            "with --image-encoder and train on the shards"
+        )
+    teacher = online_teacher(alignment, dist.device if dist is not None else "cpu")
+    model_config = objective_model_config(
+        model_config, alignment, teacher.spec if teacher is not None else None
+    )
     torch.manual_seed(train_config.seed)
     model = SiT(model_config)
-    batches: BatchFn = CaptionedCropBatches(tiles, bank, crop, train_config.batch_size)
+    batches: BatchFn = CaptionedCropBatches(
+        tiles, bank, crop, train_config.batch_size, keep_pixels=teacher is not None
+    )
     if latents not in ("identity", "pixels"):
         batches = _encoded(batches, codec)
     metadata: dict[str, Any] = {
@@ -102,7 +121,17 @@ def train_on_tile_folder(
         "captions": texts,
         "crop": crop,
     }
-    trainer = Trainer(model, train_config, out, batches, metadata=metadata, progress=progress)
+    trainer = Trainer(
+        model,
+        train_config,
+        out,
+        batches,
+        dist=dist,
+        teacher=teacher.spec if teacher is not None else None,
+        online=teacher,
+        metadata=metadata,
+        progress=progress,
+    )
     return TileRun(tiles=tiles, bank=bank, codec=codec, result=trainer.train())
 
 

@@ -47,6 +47,7 @@ from safetensors import safe_open
 from mupad.conditions import Conditions, ConditionStream
 from mupad.data.shards import ShardError, read_index, read_shard_records, stack_records
 from mupad.training.loop import TrainBatch
+from mupad.training.teacher import split_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -267,6 +268,8 @@ class ShardBatches:
         image_cond_key: str | None = "image_tokens",
         rna_key: str | None = "rna_scores",
         rna_as_pathway_tokens: bool = True,
+        teacher_key: str | None = None,
+        pixels_key: str | None = None,
         prefetch: bool = True,
     ) -> None:
         if batch_size < 1:
@@ -289,6 +292,14 @@ class ShardBatches:
         self.image_cond_key = image_cond_key if image_cond_key in schema else None
         self.rna_key = rna_key if rna_key in schema else None
         self.rna_as_pathway_tokens = rna_as_pathway_tokens
+        for role, key in (("teacher", teacher_key), ("pixels", pixels_key)):
+            if key is not None and key not in schema:
+                raise ShardError(
+                    f"{dataset.root} has no {key!r} field for the {role} (it has "
+                    f"{sorted(schema)}); re-run `mupad prepare` with "
+                    + ("--image-encoder NAME" if role == "teacher" else "--keep-pixels")
+                )
+        self.teacher_key, self.pixels_key = teacher_key, pixels_key
         self.prefetch = prefetch
         self._pending: tuple[int, Future[list[dict[str, Any]]]] | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -307,14 +318,18 @@ class ShardBatches:
             for g in range(first, first + self.batch_size)
         ]
 
+    @staticmethod
+    def _pixels(images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) or (B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1]."""
+        if images.dtype == torch.uint8:
+            if images.shape[1] != 3 and images.shape[-1] == 3:
+                images = images.permute(0, 3, 1, 2)
+            return images.float().div(127.5).sub(1.0).contiguous()
+        return images.float()
+
     def _x0(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
         if self.latent_key is None:
-            images = batch[self.image_key]  # (B, 3, H, W) or (B, H, W, 3) uint8
-            if images.dtype == torch.uint8:
-                if images.shape[1] != 3 and images.shape[-1] == 3:
-                    images = images.permute(0, 3, 1, 2)
-                return images.float().div(127.5).sub(1.0).contiguous()
-            return images.float()
+            return self._pixels(batch[self.image_key])
         moments = batch[self.latent_key].float()  # (B, 2C, h, w)
         mean, logvar = moments.chunk(2, dim=1)  # (B, C, h, w) each
         z = mean
@@ -373,7 +388,12 @@ class ShardBatches:
 
     def __call__(self, step: int, generator: torch.Generator) -> TrainBatch:
         batch = stack_records(self._fetch(step))
-        return TrainBatch(x0=self._x0(batch, generator), cond=self._conditions(batch))
+        return TrainBatch(
+            x0=self._x0(batch, generator),
+            cond=self._conditions(batch),
+            teacher=split_tokens(batch[self.teacher_key]) if self.teacher_key else None,
+            pixels=self._pixels(batch[self.pixels_key]) if self.pixels_key else None,
+        )
 
 
 def shard_batches(
@@ -395,7 +415,9 @@ def shard_batches(
     tools. `latent_key=None` trains on the `image` field
     (uint8 -> [-1, 1]). Conditions: `text_tokens` + `text_mask` (text present where any token
     is real), `image_tokens`, `rna_scores` (B, P) -> (B, P, 1) pathway tokens (present where
-    finite); each only if the shards hold it. `prefetch` (default True) reads the next
+    finite); each only if the shards hold it. `teacher_key` (e.g. "image_tokens") also
+    gives the cached alignment-teacher features [global, patches], `pixels_key` (e.g.
+    "image") the clean pixels an online teacher encodes. `prefetch` (default True) reads the next
     step's records in a background thread. See ShardBatches for the option names.
     """
     return ShardBatches(dataset, batch_size, latent_key=latent_key, **options)

@@ -46,13 +46,26 @@ def encode_captions(captions: Sequence[str], encoder) -> CaptionBank:
 class CaptionedCropBatches:
     """`batch_fn(step, generator)` for the Trainer: random crops + their class captions."""
 
-    def __init__(self, tiles: TileSet, bank: CaptionBank, crop: int, batch_size: int) -> None:
+    def __init__(
+        self,
+        tiles: TileSet,
+        bank: CaptionBank,
+        crop: int,
+        batch_size: int,
+        *,
+        keep_pixels: bool = False,
+    ) -> None:
         if len(bank.captions) != len(tiles.class_names):
             raise ValueError(
                 f"{len(bank.captions)} captions for {len(tiles.class_names)} classes"
             )
         self.tiles, self.bank, self.crop, self.batch_size = tiles, bank, crop, batch_size
+        self.keep_pixels = keep_pixels  # also hand the crops over as `pixels` (online teacher)
 
     def __call__(self, step: int, generator: torch.Generator) -> TrainBatch:
         images, index = random_crops(self.tiles, self.crop, self.batch_size, generator)
-        return TrainBatch(x0=images, cond=self.bank.conditions(self.tiles.labels[index]))
+        return TrainBatch(
+            x0=images,
+            cond=self.bank.conditions(self.tiles.labels[index]),
+            pixels=images if self.keep_pixels else None,
+        )

@@ -98,7 +98,8 @@ def learning_rate(config: WarmupSchedule, step: int) -> float:
     if config.warmup_steps > 0 and step < config.warmup_steps:
         return config.learning_rate * (step + 1) / config.warmup_steps
     if getattr(config, "lr_schedule", LRScheduleKind.CONSTANT) is LRScheduleKind.COSINE:
-        span = max(1, config.steps - config.warmup_steps)  # type: ignore[attr-defined]
+        # Steps are 0-based: the last one, steps - 1, trains at exactly min_learning_rate.
+        span = max(1, config.steps - 1 - config.warmup_steps)  # type: ignore[attr-defined]
         progress = min(1.0, (step - config.warmup_steps) / span)
         low = config.min_learning_rate  # type: ignore[attr-defined]
         return low + 0.5 * (config.learning_rate - low) * (1.0 + math.cos(math.pi * progress))
@@ -161,7 +162,8 @@ class Trainer:
 
     Re-running with the same arguments resumes from the newest checkpoint in `run_dir`.
     `teacher` gives the teacher features' width and grid when the objective aligns to cached
-    features (`TrainBatch.teacher`); an online teacher is built from the config. Under
+    features (`TrainBatch.teacher`); an online teacher (`online`, else built from the
+    config) encodes `TrainBatch.pixels` instead. Under
     torchrun pass `dist=distributed.from_environment()`; the model is wrapped here.
     """
 
@@ -175,6 +177,7 @@ class Trainer:
         device: str | torch.device | None = None,
         dist: DistContext | None = None,
         teacher: TeacherSpec | None = None,
+        online: OnlineTeacher | None = None,
         metadata: dict[str, Any] | None = None,
         on_checkpoint: CheckpointHook | None = None,
         sample_hook: SampleHook | None = None,
@@ -192,7 +195,7 @@ class Trainer:
         self.on_checkpoint = on_checkpoint
         self.sample_hook = sample_hook
         self.progress = progress and dist.is_main
-        self.online_teacher: OnlineTeacher | None = online_teacher(self.alignment, self.device)
+        self.online_teacher = online or online_teacher(self.alignment, self.device)
         if self.online_teacher is not None:
             teacher = self.online_teacher.spec
         self.teacher_spec = teacher if self.alignment.uses_teacher else None
