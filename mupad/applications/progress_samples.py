@@ -15,9 +15,10 @@ from mupad.config import GuidanceConfig, SampleConfig, SamplerKind
 from mupad.latents import LatentCodec
 from mupad.models.sit import SiT
 
-# A fast deterministic preview: 32 Heun steps with the paper's annealed guidance.
+# A cheap deterministic preview: 24 Euler steps with the paper's annealed guidance, in bf16
+# (about 2 x 24 forward passes of the preview batch; a 250-step SDE would cost 20x more).
 PREVIEW_SAMPLING = SampleConfig(
-    sampler=SamplerKind.HEUN, num_steps=32, guidance=GuidanceConfig(), seed=0
+    sampler=SamplerKind.EULER, num_steps=24, guidance=GuidanceConfig(), seed=0
 )
 
 
@@ -47,6 +48,7 @@ class ProgressSamples:
             self.sample_config,
             batch_size=self.num_images,
             codec=self.codec,
+            bf16=True,
         )  # (N, 3, H, W) uint8
         return save_grid(images, self.out_dir / f"step-{step:07d}.png", columns=self.columns)
 

@@ -9,6 +9,7 @@ shards' schema unless a full `model_config` is given.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +99,15 @@ def model_widths(
     return widths
 
 
+def prepare_settings(data: str | Path) -> dict[str, Any]:
+    """The settings `mupad prepare` recorded in `<data>/summary.json` ({} for shards written
+    another way): which VAE and encoders produced the cached latents and tokens."""
+    summary = Path(data) / "summary.json"
+    if not summary.is_file():
+        return {}
+    return json.loads(summary.read_text()).get("config", {})
+
+
 def teacher_for_shards(
     schema: Mapping[str, Any], alignment: AlignmentConfig
 ) -> tuple[TeacherSpec | None, str | None, str | None]:
@@ -179,6 +189,9 @@ def train_on_shards(
     model_config = objective_model_config(model_config, alignment, teacher)
     torch.manual_seed(train_config.seed)
     model = SiT(model_config)
+    prepared = prepare_settings(data)
+    latents = latents or prepared.get("latents")
+    text_encoder = text_encoder or prepared.get("text_encoder")
     codec_name = latents if latent_key is not None else "identity"
     metadata: dict[str, Any] = {
         "data": str(data),
@@ -186,6 +199,7 @@ def train_on_shards(
         "records_per_epoch": len(dataset),
         "latents": codec_name,
         "text_encoder": text_encoder,
+        "image_encoder": prepared.get("image_encoder"),
         "objective": alignment.objective.value,
         "conditions": sorted(m for m, f in fields.items() if f),
     }
