@@ -42,6 +42,7 @@ console = Console()
 
 def _mount_subcommands() -> None:
     """Command groups that live next to their library code."""
+    from mupad.applications.wsi_cli import wsi_app
     from mupad.data.prepare_cli import prepare
     from mupad.omics.cli import omics_app
     from mupad.omics.st_cli import st_app
@@ -51,9 +52,21 @@ def _mount_subcommands() -> None:
     app.add_typer(omics_app, name="omics")
     app.add_typer(st_app, name="st")
     app.add_typer(vae_app, name="vae")
+    app.add_typer(wsi_app, name="wsi")
 
 
 _mount_subcommands()
+
+
+def _mount_generation_commands() -> None:
+    """`mupad generate` and `mupad augment` (mupad.applications.generate_cli)."""
+    from mupad.applications.generate_cli import augment, generate
+
+    app.command("generate")(generate)
+    app.command("augment")(augment)
+
+
+_mount_generation_commands()
 
 
 @app.callback()
