@@ -200,6 +200,10 @@ def train_on_shards(
         "latents": codec_name,
         "text_encoder": text_encoder,
         "image_encoder": prepared.get("image_encoder"),
+        # µm/px of the training tiles (slides: the tiling target; tile folders: if given).
+        "target_mpp": prepared.get("target_mpp")
+        if "slides" in str(prepared.get("kind", "")).lower()
+        else prepared.get("tile_mpp"),
         "objective": alignment.objective.value,
         "conditions": sorted(m for m, f in fields.items() if f),
     }
