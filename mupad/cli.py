@@ -42,6 +42,7 @@ console = Console()
 
 def _mount_subcommands() -> None:
     """Command groups that live next to their library code."""
+    from mupad.applications.mif_cli import mif_app
     from mupad.applications.wsi_cli import wsi_app
     from mupad.data.prepare_cli import prepare
     from mupad.omics.cli import omics_app
@@ -53,6 +54,7 @@ def _mount_subcommands() -> None:
     app.add_typer(st_app, name="st")
     app.add_typer(vae_app, name="vae")
     app.add_typer(wsi_app, name="wsi")
+    app.add_typer(mif_app, name="mif")
 
 
 _mount_subcommands()

@@ -73,6 +73,10 @@ class TrainBatch:
     cond: Conditions | None = None
     teacher: TeacherFeatures | None = None  # cached teacher features of the clean images
     pixels: torch.Tensor | None = None  # (B, 3, H', W') clean images in [-1, 1], online teacher
+    # (B, C_ctx, H, W) clean context concatenated to x_t along channels before the model:
+    # never noised, never dropped (e.g. the H&E latent of H&E -> mIF). The model has
+    # in_channels = C + C_ctx and out_channels = C; the loss is on the C target channels.
+    x_context: torch.Tensor | None = None
 
 
 BatchFn = Callable[[int, torch.Generator], TrainBatch]
@@ -350,6 +354,17 @@ class Trainer:
             teacher=batch.teacher if self.alignment.uses_teacher else None,
             pixels=batch.pixels if self.online_teacher is not None else None,
         )
+        if batch.x_context is not None:
+            context = batch.x_context
+            if context.shape[0] != batch.x0.shape[0] or context.shape[-2:] != batch.x0.shape[-2:]:
+                raise ValueError(
+                    f"TrainBatch.x_context {tuple(context.shape)} must match x0 "
+                    f"{tuple(batch.x0.shape)} in batch size, height and width"
+                )
+            # x_t is the model input; it is row-sliced with the rest of the batch below.
+            drawn = dataclasses.replace(
+                drawn, x_t=torch.cat([drawn.x_t, context.to(drawn.x_t.dtype)], dim=1)
+            )
         start, stop = self.dist.rows(config.batch_size)
         local = drawn.rows(start, stop).to(self.device)
         if self.online_teacher is not None:
