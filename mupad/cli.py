@@ -42,6 +42,7 @@ console = Console()
 
 def _mount_subcommands() -> None:
     """Command groups that live next to their library code."""
+    from mupad.applications.ff2ffpe_cli import ffpe_app
     from mupad.applications.mif_cli import mif_app
     from mupad.applications.wsi_cli import wsi_app
     from mupad.data.prepare_cli import prepare
@@ -55,6 +56,7 @@ def _mount_subcommands() -> None:
     app.add_typer(vae_app, name="vae")
     app.add_typer(wsi_app, name="wsi")
     app.add_typer(mif_app, name="mif")
+    app.add_typer(ffpe_app, name="ffpe")
 
 
 _mount_subcommands()

@@ -6,6 +6,7 @@ small real pair (the CIMA serial mouse-lung sections) when ../shared/data is pre
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -82,9 +83,17 @@ class StubEncoder(ImageEncoder):
 
     def _forward(self, inputs):
         cells = torch.nn.functional.avg_pool2d(inputs, 4)  # (b, 3, 2, 2)
-        grid = torch.cat([cells, cells.std(dim=1, keepdim=True), cells.mean(dim=1, keepdim=True),
-                          cells.amax(dim=1, keepdim=True), cells.amin(dim=1, keepdim=True),
-                          cells[:, :1] - cells[:, 2:3]], dim=1)  # fmt: skip
+        grid = torch.cat(
+            [
+                cells,
+                cells.std(dim=1, keepdim=True),
+                cells.mean(dim=1, keepdim=True),
+                cells.amax(dim=1, keepdim=True),
+                cells.amin(dim=1, keepdim=True),
+                cells[:, :1] - cells[:, 2:3],
+            ],
+            dim=1,
+        )
         patches = grid.permute(0, 2, 3, 1).contiguous()  # (b, 2, 2, 8)
         pooled = patches.mean(dim=(1, 2))
         return ImageFeatures(global_token=pooled, patches=patches, embedding=pooled)
@@ -137,9 +146,12 @@ def _ihc_image(he: np.ndarray) -> np.ndarray:
     full = np.vstack([TRUE_AFFINE, [0, 0, 1]])
     inverse = np.linalg.inv(full)[:2]  # IHC -> H&E, the map PIL's transform wants
     moved = Image.fromarray(he).transform(
-        (he.shape[1], he.shape[0]), Image.Transform.AFFINE, tuple(inverse.ravel()),
-        Image.Resampling.BILINEAR, fillcolor=(245, 245, 245),
-    )  # fmt: skip
+        (he.shape[1], he.shape[0]),
+        Image.Transform.AFFINE,
+        tuple(inverse.ravel()),
+        Image.Resampling.BILINEAR,
+        fillcolor=(245, 245, 245),
+    )
     return _stain(np.asarray(moved))
 
 
@@ -259,8 +271,11 @@ def test_region_split_keeps_train_pixels_out_of_heldout_blocks_and_pairs_round_t
     held_blocks = set(pairs.info["region_split"]["heldout_blocks"])
     block_w, block_h = he.width / 4, he.height / 4
     for (x, y), part in zip(pairs.he_xy, split):
-        corners = {(min(int(cy // block_h), 3)) * 4 + min(int(cx // block_w), 3)
-                   for cx in (x, x + 15) for cy in (y, y + 15)}  # fmt: skip
+        corners = {
+            (min(int(cy // block_h), 3)) * 4 + min(int(cx // block_w), 3)
+            for cx in (x, x + 15)
+            for cy in (y, y + 15)
+        }
         if part == "train":
             assert not corners & held_blocks
     folder = write_pairs(pairs, tmp_path / "pairs", split)
@@ -319,9 +334,13 @@ def test_flow_learns_synthetic_pairs_better_than_the_baselines(tmp_path):
     he, ihc = _synthetic_pairs(300)
     train, held = slice(0, 240), slice(240, 300)
     result = train_embedding_flow(
-        he[train], ihc[train], _flow_config(), tmp_path / "flow",
-        heldout=(he[held], ihc[held]), progress=False,
-    )  # fmt: skip
+        he[train],
+        ihc[train],
+        _flow_config(steps=150),
+        tmp_path / "flow",
+        heldout=(he[held], ihc[held]),
+        progress=False,
+    )
     report = evaluate_flow(result.flow, he[train], ihc[train], he[held], ihc[held])
     m = report["metrics"]
     assert m["flow"]["cosine"] > m["he_embedding"]["cosine"]
@@ -378,6 +397,34 @@ def test_flow_resumes_exactly_and_refuses_other_settings(tmp_path):
     del full
 
 
+def test_principal_axes_dropout_and_source_noise_train_save_and_load(tmp_path):
+    he, ihc = _synthetic_pairs(64)
+    config = _flow_config(
+        steps=20, components=4, dropout=0.1, source_noise=0.3, checkpoint_every=10
+    )
+    assert config.width == 4 and ResidualFlowMLP(config).input.in_features == 4
+    stats = EmbeddingStats.fit(he, ihc, config.std_floor, config.components)
+    assert stats.standardize_he(he).shape == (64, 4)
+    assert stats.standardize_ihc(ihc).square().mean().item() == pytest.approx(1.0, rel=1e-4)
+    # Reconstruction through the IHC axes keeps the mean and lies in a 4-d subspace.
+    rebuilt = stats.destandardize_ihc(stats.standardize_ihc(ihc))
+    torch.testing.assert_close(rebuilt.mean(0), ihc.mean(0), atol=1e-4, rtol=1e-4)
+    assert torch.linalg.matrix_rank(rebuilt - rebuilt.mean(0)).item() == 4
+    result = train_embedding_flow(he, ihc, config, tmp_path / "f", progress=False)
+    loaded = EmbeddingFlow.from_pretrained(tmp_path / "f")
+    assert loaded.predict(he[:3]).shape == (3, 8)
+    torch.testing.assert_close(loaded.predict(he[:3]), result.flow.predict(he[:3]))
+    # The noise comes from the step generator: a resumed run matches an uninterrupted one.
+    train_embedding_flow(
+        he, ihc, dataclasses.replace(config, steps=10), tmp_path / "g", progress=False
+    )
+    train_embedding_flow(he, ihc, config, tmp_path / "g", progress=False)
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("f", "g"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(HE2IHCError, match="components"):
+        EmbeddingStats.fit(he[:3], ihc[:3], 0.1, components=5)
+
+
 def test_token_mode_flow_and_bad_inputs():
     generator = torch.Generator().manual_seed(0)
     he = torch.randn(40, 5, 8, generator=generator)
@@ -428,15 +475,24 @@ def _tiny_translator(flow: EmbeddingFlow, tile=16) -> HEToIHCTranslator:
         model_preset("tiny", in_channels=3, image_dim=8, sample_size=tile, patch_size=4)
     )
     return HEToIHCTranslator(
-        flow, generator, encoder=StubEncoder(), sample_config=SampleConfig(sampler="euler", num_steps=2),
-        batch_size=3, mpp=0.5,
-    )  # fmt: skip
+        flow,
+        generator,
+        encoder=StubEncoder(),
+        sample_config=SampleConfig(sampler="euler", num_steps=2),
+        batch_size=3,
+        mpp=0.5,
+    )
 
 
 def test_translator_maps_uint8_tiles_to_uint8_tiles():
     he, ihc = _synthetic_pairs(32)
-    flow = train_embedding_flow(he, ihc, _flow_config(steps=5), metadata={
-        "embedding": {"encoder": STUB, "image_size": 0, "tokens": "global"}}, progress=False).flow  # fmt: skip
+    flow = train_embedding_flow(
+        he,
+        ihc,
+        _flow_config(steps=5),
+        metadata={"embedding": {"encoder": STUB, "image_size": 0, "tokens": "global"}},
+        progress=False,
+    ).flow
     translator = _tiny_translator(flow)
     assert (
         translator.tile_size,
@@ -459,8 +515,13 @@ def test_translator_maps_uint8_tiles_to_uint8_tiles():
 
 def test_translator_refuses_a_generator_of_another_width():
     he, ihc = _synthetic_pairs(16)
-    flow = train_embedding_flow(he, ihc, _flow_config(steps=2), metadata={
-        "embedding": {"encoder": STUB, "image_size": 0, "tokens": "global"}}, progress=False).flow  # fmt: skip
+    flow = train_embedding_flow(
+        he,
+        ihc,
+        _flow_config(steps=2),
+        metadata={"embedding": {"encoder": STUB, "image_size": 0, "tokens": "global"}},
+        progress=False,
+    ).flow
     other = SiT(model_preset("tiny", in_channels=3, image_dim=4, sample_size=16, patch_size=4))
     with pytest.raises(HE2IHCError, match="8-wide"):
         HEToIHCTranslator(flow, other, encoder=StubEncoder())
@@ -480,22 +541,77 @@ def test_cli_chain_pairs_train_flow_train_generator_apply(tmp_path):
         assert result.exit_code == 0, result.output + repr(result.exception)
         return result
 
-    run("pairs", "--he", tmp_path / "he.png", "--ihc", tmp_path / "ihc.png",
-        "--landmarks", he_csv, "--landmarks", ihc_csv, "--landmark-scale", 0.1,
-        "--out", tmp_path / "pairs", "--patch-size", 16, "--num-pairs", 48, "--seed", 1)  # fmt: skip
-    result = run("train-flow", "--pairs", tmp_path / "pairs", "--out", tmp_path / "flow",
-                 "--encoder", STUB, "--hidden", 16, "--steps", 20, "--batch-size", 16, "--no-progress")  # fmt: skip
+    run(
+        "pairs",
+        "--he",
+        tmp_path / "he.png",
+        "--ihc",
+        tmp_path / "ihc.png",
+        "--landmarks",
+        he_csv,
+        "--landmarks",
+        ihc_csv,
+        "--landmark-scale",
+        0.1,
+        "--out",
+        tmp_path / "pairs",
+        "--patch-size",
+        16,
+        "--num-pairs",
+        48,
+        "--seed",
+        1,
+    )
+    result = run(
+        "train-flow",
+        "--pairs",
+        tmp_path / "pairs",
+        "--out",
+        tmp_path / "flow",
+        "--encoder",
+        STUB,
+        "--hidden",
+        16,
+        "--steps",
+        20,
+        "--batch-size",
+        16,
+        "--no-progress",
+    )
     assert "flow" in result.output and (tmp_path / "flow" / "metrics.json").is_file()
     metrics = json.loads((tmp_path / "flow" / "metrics.json").read_text())
     assert metrics["num_heldout"] > 0 and "he_embedding" in metrics["metrics"]
-    run("train-generator", "--pairs", tmp_path / "pairs", "--flow", tmp_path / "flow",
-        "--out", tmp_path / "gen", "--steps", 2, "--batch-size", 4, "--checkpoint-every", 2, "--no-progress")  # fmt: skip
+    run(
+        "train-generator",
+        "--pairs",
+        tmp_path / "pairs",
+        "--flow",
+        tmp_path / "flow",
+        "--out",
+        tmp_path / "gen",
+        "--steps",
+        2,
+        "--batch-size",
+        4,
+        "--checkpoint-every",
+        2,
+        "--no-progress",
+    )
     tiles = tmp_path / "tiles"
     tiles.mkdir()
     for i in range(2):
         Image.fromarray(he_array[40 + 8 * i : 56 + 8 * i, 60:76]).save(tiles / f"t{i}.png")
-    common = ["--flow", tmp_path / "flow", "--checkpoint", tmp_path / "gen", "--sampler", "euler",
-              "--steps", 2, "--no-progress"]  # fmt: skip
+    common = [
+        "--flow",
+        tmp_path / "flow",
+        "--checkpoint",
+        tmp_path / "gen",
+        "--sampler",
+        "euler",
+        "--steps",
+        2,
+        "--no-progress",
+    ]
     run("apply", *common, "--he", tiles, "--out", tmp_path / "out_tiles")
     sidecar = json.loads((tmp_path / "out_tiles" / "t0.json").read_text())
     assert sidecar["source"].endswith("t0.png") and sidecar["embedding"]["encoder"] == STUB

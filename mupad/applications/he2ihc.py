@@ -14,9 +14,12 @@ embedding the place of the noise,
 and a prediction integrates dx/dt = v_theta(x, t) from t = 1 (x = the H&E embedding) down to
 t = 0 with the project's ODE samplers (`samplers.euler_ode` / `heun_ode`). Both embeddings
 are standardised per domain first (per-dimension mean and std of the training pairs; the
-std floored at `std_floor` times its mean so near-constant dimensions are not blown up);
-the network's output layer starts at zero, so an untrained flow returns the H&E embedding
-moment-matched to the IHC statistics.
+std floored at `std_floor` times its mean so near-constant dimensions are not blown up)
+and, with `components` = k > 0, projected on each domain's top-k principal axes (the
+regime for a few hundred pairs: a 2048-d flow memorises them). The network's output layer
+starts at zero, so an untrained flow returns the H&E embedding moment-matched to the IHC
+statistics. `dropout` and `source_noise` (Gaussian noise on the H&E end, training only)
+regularise small pair sets.
 
 Pieces:
 - `EmbeddingFlowConfig`, `ResidualFlowMLP`, `EmbeddingFlow` (predict / save_pretrained /
@@ -143,6 +146,9 @@ class EmbeddingFlowConfig:
     batch_size: int = 64
     seed: int = 0
     std_floor: float = 0.1  # per-dim std floored at std_floor * mean std when standardising
+    components: int = 0  # > 0: the flow works on this many principal axes per domain
+    dropout: float = 0.0  # inside each residual block, training only
+    source_noise: float = 0.0  # std of Gaussian noise added to the H&E source in training
     sample_steps: int = 16  # ODE steps from H&E (t = 1) to IHC (t = 0)
     sampler: SamplerKind = SamplerKind.EULER  # euler or heun (deterministic)
     log_every: int = 50
@@ -153,8 +159,18 @@ class EmbeddingFlowConfig:
         object.__setattr__(self, "sampler", parse_enum(SamplerKind, self.sampler))
         if self.sampler is SamplerKind.SDE:
             raise ConfigError("the embedding flow integrates an ODE: sampler must be euler or heun")
-        for name in ("dim", "num_tokens", "hidden", "blocks", "time_frequencies", "steps",
-                     "batch_size", "sample_steps", "log_every", "checkpoint_every"):  # fmt: skip
+        for name in (
+            "dim",
+            "num_tokens",
+            "hidden",
+            "blocks",
+            "time_frequencies",
+            "steps",
+            "batch_size",
+            "sample_steps",
+            "log_every",
+            "checkpoint_every",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(
                     f"EmbeddingFlowConfig.{name} must be >= 1, got {getattr(self, name)}"
@@ -170,14 +186,22 @@ class EmbeddingFlowConfig:
             raise ConfigError("weight_decay, grad_clip, warmup_steps and eval_every must be >= 0")
         if not 0.0 < self.std_floor <= 1.0:
             raise ConfigError(f"std_floor must be in (0, 1], got {self.std_floor}")
+        if self.components < 0 or self.source_noise < 0 or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError("components and source_noise must be >= 0, dropout in [0, 1)")
+
+    @property
+    def width(self) -> int:
+        """Width of the flow's working coordinates: `components`, else the embedding `dim`."""
+        return self.components or self.dim
 
 
 class ResidualFlowBlock(nn.Module):
     """h + Linear(SiLU(Linear(modulate(LayerNorm(h), time))))."""
 
-    def __init__(self, hidden: int, mlp_ratio: float) -> None:
+    def __init__(self, hidden: int, mlp_ratio: float, dropout: float = 0.0) -> None:
         super().__init__()
         inner = max(1, round(hidden * mlp_ratio))
+        self.dropout = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.modulation = nn.Linear(hidden, 2 * hidden)  # time -> (shift, scale)
         self.fc1 = nn.Linear(hidden, inner)
@@ -189,7 +213,7 @@ class ResidualFlowBlock(nn.Module):
         # h (B, T, H); time (B, 1, H)
         shift, scale = self.modulation(F.silu(time)).chunk(2, dim=-1)
         y = self.norm(h) * (1.0 + scale) + shift
-        return h + self.fc2(F.silu(self.fc1(y)))
+        return h + self.fc2(self.dropout(F.silu(self.fc1(y))))
 
 
 class ResidualFlowMLP(nn.Module):
@@ -200,7 +224,7 @@ class ResidualFlowMLP(nn.Module):
     def __init__(self, config: EmbeddingFlowConfig) -> None:
         super().__init__()
         self.config = config
-        self.input = nn.Linear(config.dim, config.hidden)
+        self.input = nn.Linear(config.width, config.hidden)
         self.position = (
             nn.Parameter(torch.zeros(config.num_tokens, config.hidden))
             if config.num_tokens > 1
@@ -208,21 +232,22 @@ class ResidualFlowMLP(nn.Module):
         )
         self.time = TimestepEmbedder(config.hidden, config.time_frequencies)
         self.blocks = nn.ModuleList(
-            ResidualFlowBlock(config.hidden, config.mlp_ratio) for _ in range(config.blocks)
+            ResidualFlowBlock(config.hidden, config.mlp_ratio, config.dropout)
+            for _ in range(config.blocks)
         )
         self.final_norm = nn.LayerNorm(config.hidden, eps=1e-6)
-        self.output = nn.Linear(config.hidden, config.dim)
+        self.output = nn.Linear(config.hidden, config.width)
         nn.init.zeros_(self.output.weight)
         nn.init.zeros_(self.output.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         squeeze = x.dim() == 2
         tokens = x[:, None, :] if squeeze else x  # (B, T, D)
-        expected = (1 if squeeze else self.config.num_tokens, self.config.dim)
+        expected = (1 if squeeze else self.config.num_tokens, self.config.width)
         if tuple(tokens.shape[1:]) != expected or (squeeze and self.config.num_tokens != 1):
             raise HE2IHCError(
                 f"the flow takes {'(B, D)' if self.config.num_tokens == 1 else '(B, T, D)'} "
-                f"embeddings with T={self.config.num_tokens}, D={self.config.dim}; got "
+                f"inputs with T={self.config.num_tokens}, width={self.config.width}; got "
                 f"{tuple(x.shape)}"
             )
         h = self.input(tokens)  # (B, T, H)
@@ -245,12 +270,22 @@ class ResidualFlowMLP(nn.Module):
 
 @dataclass(frozen=True)
 class EmbeddingStats:
-    """Per-dimension mean and (floored) std of the H&E and IHC training embeddings, (D,) each."""
+    """How raw embeddings become the flow's working coordinates, per domain.
+
+    Per-dimension mean and (floored) std, (D,) each; with `components` = k > 0 also the top-k
+    principal axes of the standardised training embeddings, (D, k), and one scale (the RMS of
+    the projected coordinates), so the flow works in k dimensions of about unit variance.
+    Without a basis the working coordinates are the standardised embeddings themselves.
+    """
 
     he_mean: torch.Tensor
     he_std: torch.Tensor
     ihc_mean: torch.Tensor
     ihc_std: torch.Tensor
+    he_basis: torch.Tensor | None = None  # (D, k)
+    ihc_basis: torch.Tensor | None = None  # (D, k)
+    he_scale: torch.Tensor | None = None  # () RMS of the projected H&E coordinates
+    ihc_scale: torch.Tensor | None = None
 
     @staticmethod
     def _moments(x: torch.Tensor, floor: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,27 +295,80 @@ class EmbeddingStats:
         std = std.clamp_min(floor * float(std.mean()) + 1e-12)
         return mean.float(), std.float()
 
+    @staticmethod
+    def _principal_axes(z: torch.Tensor, components: int) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = z.reshape(-1, z.shape[-1]).double()  # (N*T, D), centred by construction
+        if components > min(flat.shape):
+            raise HE2IHCError(
+                f"components={components} exceeds min(pairs, dim) = {min(flat.shape)}; "
+                "ask for fewer components or give more pairs"
+            )
+        _, _, vh = torch.linalg.svd(flat, full_matrices=False)
+        basis = vh[:components].T  # (D, k)
+        scale = (flat @ basis).square().mean().sqrt().clamp_min(1e-12)
+        return basis.float().contiguous(), scale.float()
+
     @classmethod
-    def fit(cls, he: torch.Tensor, ihc: torch.Tensor, std_floor: float) -> EmbeddingStats:
+    def fit(
+        cls, he: torch.Tensor, ihc: torch.Tensor, std_floor: float, components: int = 0
+    ) -> EmbeddingStats:
         he_mean, he_std = cls._moments(he, std_floor)
         ihc_mean, ihc_std = cls._moments(ihc, std_floor)
-        return cls(he_mean, he_std, ihc_mean, ihc_std)
+        stats = cls(he_mean, he_std, ihc_mean, ihc_std)
+        if components:
+            he_basis, he_scale = cls._principal_axes((he - he_mean) / he_std, components)
+            ihc_basis, ihc_scale = cls._principal_axes((ihc - ihc_mean) / ihc_std, components)
+            stats = dataclasses.replace(
+                stats,
+                he_basis=he_basis,
+                ihc_basis=ihc_basis,
+                he_scale=he_scale,
+                ihc_scale=ihc_scale,
+            )
+        return stats
 
     def standardize_he(self, he: torch.Tensor) -> torch.Tensor:
-        return (he - self.he_mean.to(he)) / self.he_std.to(he)
+        """Raw H&E embeddings (..., D) -> working coordinates (..., D or k)."""
+        z = (he - self.he_mean.to(he)) / self.he_std.to(he)
+        if self.he_basis is None:
+            return z
+        return (z @ self.he_basis.to(z)) / self.he_scale.to(z)  # type: ignore[union-attr]
 
     def standardize_ihc(self, ihc: torch.Tensor) -> torch.Tensor:
-        return (ihc - self.ihc_mean.to(ihc)) / self.ihc_std.to(ihc)
+        """Raw IHC embeddings (..., D) -> working coordinates (..., D or k)."""
+        z = (ihc - self.ihc_mean.to(ihc)) / self.ihc_std.to(ihc)
+        if self.ihc_basis is None:
+            return z
+        return (z @ self.ihc_basis.to(z)) / self.ihc_scale.to(z)  # type: ignore[union-attr]
 
     def destandardize_ihc(self, z: torch.Tensor) -> torch.Tensor:
+        """Working coordinates -> raw IHC embeddings (..., D)."""
+        if self.ihc_basis is not None:
+            z = (z * self.ihc_scale.to(z)) @ self.ihc_basis.to(z).T  # type: ignore[union-attr]
         return z * self.ihc_std.to(z) + self.ihc_mean.to(z)
 
+    def per_dimension(self) -> EmbeddingStats:
+        """The same means and stds without principal axes (plain standardisation)."""
+        return dataclasses.replace(
+            self, he_basis=None, ihc_basis=None, he_scale=None, ihc_scale=None
+        )
+
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {f.name: getattr(self, f.name).contiguous() for f in dataclasses.fields(self)}
+        return {
+            f.name: getattr(self, f.name).contiguous()
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) is not None
+        }
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> EmbeddingStats:
-        return cls(**{f.name: tensors[f.name].float() for f in dataclasses.fields(cls)})
+        return cls(
+            **{
+                f.name: tensors[f.name].float()
+                for f in dataclasses.fields(cls)
+                if f.name in tensors
+            }
+        )
 
 
 def _write_flow_files(
@@ -349,9 +437,13 @@ class EmbeddingFlow:
         self.model.eval()
         x = self.stats.standardize_he(he.float().to(self.device))
         z = integrate(
-            self.velocity, x, None, num_steps or self.config.sample_steps,
-            t_start=SOURCE_TIME, t_end=TARGET_TIME,
-        )  # fmt: skip
+            self.velocity,
+            x,
+            None,
+            num_steps or self.config.sample_steps,
+            t_start=SOURCE_TIME,
+            t_end=TARGET_TIME,
+        )
         return self.stats.destandardize_ihc(z).cpu()
 
     def save_pretrained(self, folder: str | Path) -> Path:
@@ -419,17 +511,23 @@ def _check_pairs(
 
 def _fingerprint(he: torch.Tensor, ihc: torch.Tensor) -> list[float]:
     """A cheap signature of the training data, so a resume on other pairs is refused."""
-    return [float(he.shape[0]), float(he.double().sum()), float(ihc.double().sum()),
-            float(he.double().square().sum()), float(ihc.double().square().sum())]  # fmt: skip
+    return [
+        float(he.shape[0]),
+        float(he.double().sum()),
+        float(ihc.double().sum()),
+        float(he.double().square().sum()),
+        float(ihc.double().square().sum()),
+    ]
 
 
 def _truncate_log(path: Path, step: int) -> None:
     if not path.exists():
         return
     kept = [
-        line for line in path.read_text().splitlines()
+        line
+        for line in path.read_text().splitlines()
         if line.strip() and json.loads(line).get("step", 0) <= step
-    ]  # fmt: skip
+    ]
     path.write_text("".join(line + "\n" for line in kept))
 
 
@@ -493,6 +591,10 @@ def _resume_flow(
     return int(state["step"])
 
 
+def _rng_devices(device: torch.device) -> list[int]:
+    return [device.index or 0] if device.type == "cuda" else []
+
+
 def _flow_loss(
     model: ResidualFlowMLP, he_z: torch.Tensor, ihc_z: torch.Tensor, t: torch.Tensor
 ) -> torch.Tensor:
@@ -540,7 +642,7 @@ def train_embedding_flow(
     if heldout is not None:
         _check_pairs(heldout[0].float(), heldout[1].float(), config, "held-out pairs")
     device = torch.device(device)
-    stats = EmbeddingStats.fit(he, ihc, config.std_floor)
+    stats = EmbeddingStats.fit(he, ihc, config.std_floor, config.components)
     he_z, ihc_z = stats.standardize_he(he).to(device), stats.standardize_ihc(ihc).to(device)
     val = None
     if heldout is not None:
@@ -573,9 +675,18 @@ def train_embedding_flow(
             t = paths.sample_training_times(config.batch_size, generator, device)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(config, step)
-            loss = _flow_loss(model, he_z[rows], ihc_z[rows], t)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            source = he_z[rows]
+            if config.source_noise > 0:  # drawn after the rows and times of the step
+                noise = torch.randn(source.shape, generator=generator).to(device)
+                source = source + config.source_noise * noise
+            # Dropout masks come from the global RNG: seed it from the step's generator
+            # inside a fork (restored afterwards), so a resumed run draws the same masks.
+            dropout_seed = int(torch.randint(2**62, (1,), generator=generator))
+            with torch.random.fork_rng(devices=_rng_devices(device)):
+                torch.manual_seed(dropout_seed)
+                loss = _flow_loss(model, source, ihc_z[rows], t)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
             if config.grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
@@ -592,7 +703,8 @@ def train_embedding_flow(
                 record["heldout_loss"] = _heldout_loss(model, *val, seed=config.seed)
                 flow = EmbeddingFlow(model, stats, metadata)
                 pred = flow.predict(heldout[0])  # type: ignore[index]
-                record["heldout_cosine"] = float(_row_cosine(pred, heldout[1].float()).mean())  # type: ignore[index]
+                truth = heldout[1].float()  # type: ignore[index]
+                record["heldout_cosine"] = float(_row_cosine(pred, truth).mean())
                 model.train()
             if record:
                 history.append(record)
@@ -704,8 +816,9 @@ def evaluate_flow(
     """Held-out metrics of the flow's prediction and of the baselines (see embedding_metrics)."""
     mean = ihc_train.float().reshape(-1, ihc_train.shape[-1]).mean(dim=0)
     true = ihc_heldout.float()
-    ridge, alpha = ridge_baseline(he_train, ihc_train, flow.stats, seed=flow.config.seed)
-    moment_matched = flow.stats.destandardize_ihc(flow.stats.standardize_he(he_heldout.float()))
+    plain = flow.stats.per_dimension()
+    ridge, alpha = ridge_baseline(he_train, ihc_train, plain, seed=flow.config.seed)
+    moment_matched = plain.destandardize_ihc(plain.standardize_he(he_heldout.float()))
     candidates = {
         "flow": flow.predict(he_heldout),
         "he_embedding": he_heldout.float(),
@@ -769,7 +882,8 @@ def _tiles_to_pixels(tiles: np.ndarray | torch.Tensor) -> torch.Tensor:
     array = torch.as_tensor(np.asarray(tiles)) if isinstance(tiles, np.ndarray) else tiles
     if array.dtype != torch.uint8 or array.dim() != 4 or 3 not in (array.shape[1], array.shape[3]):
         raise HE2IHCError(
-            f"tiles must be uint8 (B, S, S, 3) or (B, 3, S, S), got {array.dtype} {tuple(array.shape)}"
+            f"tiles must be uint8 (B, S, S, 3) or (B, 3, S, S), got {array.dtype} "
+            f"{tuple(array.shape)}"
         )
     if array.shape[3] == 3 and array.shape[1] != 3:
         array = array.permute(0, 3, 1, 2)  # channels last -> first
@@ -849,6 +963,7 @@ def train_ihc_generator(
     train_config: TrainConfig,
     preset: str = "tiny",
     patch_size: int = 0,
+    model_overrides: dict[str, Any] | None = None,
     init_from: str | Path | None = None,
     metadata: dict[str, Any] | None = None,
     device: str | torch.device = "cpu",
@@ -857,9 +972,11 @@ def train_ihc_generator(
     """Fine-tune (or, without `init_from`, train) a pixel-space SiT on IHC tiles (N, 3, S, S)
     uint8 conditioned on their embeddings (N, D) or (N, T, D) via the image stream.
 
-    `init_from` is a SiT checkpoint (run folder, checkpoint or model folder) whose image
-    stream takes D-wide tokens; its weights are the starting point (the paper fine-tunes
-    MUPAD on IHC). Re-running with the same `out` resumes. Returns the Trainer's TrainResult.
+    Without `init_from` the model is `model_config_for(side, D, preset, patch_size,
+    **model_overrides)`. `init_from` is a SiT checkpoint (run folder, checkpoint or model
+    folder) whose image stream takes D-wide tokens; its weights are the starting point (the
+    paper fine-tunes MUPAD on IHC). Re-running with the same `out` resumes. Returns the
+    Trainer's TrainResult.
     """
     from mupad.applications.train_tiles import _resolve_checkpoint
     from mupad.models import SiT
@@ -883,7 +1000,7 @@ def train_ihc_generator(
         model.load_state_dict(pretrained.state_dict())
     else:
         torch.manual_seed(train_config.seed)
-        model = SiT(model_config_for(side, dim, preset, patch_size))
+        model = SiT(model_config_for(side, dim, preset, patch_size, **(model_overrides or {})))
     run_metadata = {
         "task": "he2ihc-generator",
         "latents": "identity",
@@ -1010,17 +1127,23 @@ class HEToIHCTranslator:
             generator_metadata=metadata,
         )
 
+    def _tile_step(self) -> int:
+        """Tile sides must be multiples of this (SiT patch size x codec downsample), px."""
+        return int(self.generator.config.patch_size * self.codec.downsample)  # type: ignore[attr-defined]
+
     def _check_tiles(self, tiles: np.ndarray | torch.Tensor) -> torch.Tensor:
         array = torch.as_tensor(np.asarray(tiles)) if isinstance(tiles, np.ndarray) else tiles
         if array.dtype != torch.uint8 or array.dim() != 4 or array.shape[-1] != 3:
             raise HE2IHCError(
-                f"the translator takes uint8 tiles (B, S, S, 3), got {array.dtype} {tuple(array.shape)}"
+                f"the translator takes uint8 tiles (B, S, S, 3), got {array.dtype} "
+                f"{tuple(array.shape)}"
             )
         side = array.shape[1]
-        step = self.generator.config.patch_size * self.codec.downsample  # type: ignore[attr-defined]
+        step = self._tile_step()
         if array.shape[2] != side or side % step:
             raise HE2IHCError(
-                f"tiles must be square with a side divisible by {step} px (native {self.tile_size}); "
+                f"tiles must be square with a side divisible by {step} px (native "
+                f"{self.tile_size}); "
                 f"got {array.shape[1]}x{array.shape[2]}"
             )
         return array
@@ -1120,7 +1243,7 @@ def wsi_translator(checkpoint: Path | None, options: Any) -> HEToIHCTranslator:
     )
     tile_size = getattr(options, "tile_size", None)
     if tile_size:
-        step = translator.generator.config.patch_size * translator.codec.downsample  # type: ignore[attr-defined]
+        step = translator._tile_step()
         if tile_size % step:
             raise HE2IHCError(f"tile_size {tile_size} is not a multiple of {step} px")
         translator.tile_size = int(tile_size)
@@ -1310,8 +1433,14 @@ def train_flow_from_pairs(
     """Embed the pairs (cached in out/embeddings.safetensors), train the flow on the train
     rows, evaluate on the held-out rows; writes out/metrics.json. Returns (result, metrics)."""
     out = Path(out)
-    embedded = embed_pairs(pairs, spec, out / "embeddings.safetensors", device=device,
-                           encoder=encoder, progress=progress)  # fmt: skip
+    embedded = embed_pairs(
+        pairs,
+        spec,
+        out / "embeddings.safetensors",
+        device=device,
+        encoder=encoder,
+        progress=progress,
+    )
     width = embedded.he.shape[-1]
     num_tokens = 1 if embedded.he.dim() == 2 else embedded.he.shape[1]
     if (config.dim, config.num_tokens) != (width, num_tokens):
@@ -1332,9 +1461,15 @@ def train_flow_from_pairs(
         **(metadata or {}),
     }
     result = train_embedding_flow(
-        he_train, ihc_train, config, out, heldout=heldout, metadata=flow_metadata,
-        device=device, progress=progress,
-    )  # fmt: skip
+        he_train,
+        ihc_train,
+        config,
+        out,
+        heldout=heldout,
+        metadata=flow_metadata,
+        device=device,
+        progress=progress,
+    )
     metrics: dict[str, Any] = {"num_train": len(train), "num_heldout": len(held)}
     if heldout is not None and len(held) >= 2:
         metrics = evaluate_flow(result.flow, he_train, ihc_train, *heldout)
@@ -1347,8 +1482,10 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     rows = metrics.get("metrics")
     if not rows:
         return f"(no held-out pairs: {metrics})"
-    lines = [f"held-out pairs: {metrics['num_heldout']} (train {metrics['num_train']})",
-             f"{'prediction':<20}{'cosine':>9}{'centred':>9}{'r2':>9}{'top1':>8}{'top5':>8}"]  # fmt: skip
+    lines = [
+        f"held-out pairs: {metrics['num_heldout']} (train {metrics['num_train']})",
+        f"{'prediction':<20}{'cosine':>9}{'centred':>9}{'r2':>9}{'top1':>8}{'top5':>8}",
+    ]
     for name, m in rows.items():
         lines.append(
             f"{name:<20}{m['cosine']:>9.4f}{m['centred_cosine']:>9.4f}{m['r2']:>9.3f}"
@@ -1358,13 +1495,16 @@ def format_metrics(metrics: dict[str, Any]) -> str:
 
 
 def model_config_for(
-    tiles_side: int, dim: int, preset: str = "tiny", patch_size: int = 0
+    tiles_side: int, dim: int, preset: str = "tiny", patch_size: int = 0, **overrides: Any
 ) -> ModelConfig:
-    """The pixel-space SiT config `train_ihc_generator` builds from scratch (for inspection)."""
-    overrides: dict[str, Any] = {"in_channels": 3, "image_dim": dim, "sample_size": tiles_side}
+    """The pixel-space SiT `train_ihc_generator` builds from scratch: `preset` with RGB input,
+    an image stream of width `dim`, sample size `tiles_side`, and any field overridden
+    (e.g. hidden_size=256, depth=6, num_heads=4 with patch_size=8 is a CPU-friendly 64 px model)."""
+    fields: dict[str, Any] = {"in_channels": 3, "image_dim": dim, "sample_size": tiles_side}
     if patch_size:
-        overrides["patch_size"] = patch_size
-    return model_preset(preset, **overrides)
+        fields["patch_size"] = patch_size
+    fields.update(overrides)
+    return model_preset(preset, **fields)
 
 
 __all__ = [

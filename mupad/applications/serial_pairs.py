@@ -259,7 +259,8 @@ class PairSamplingConfig:
     patch_size: int = 64  # side of both patches, px (H&E level 0; IHC in the H&E frame)
     num_pairs: int = 512  # random mode: pairs to draw; grid mode: at most this many (0 = all)
     grid: bool = False  # a regular grid (stride = patch_size) instead of random positions
-    min_tissue: float = 0.5  # both patches must hold at least this tissue fraction
+    min_tissue: float = 0.5  # tissue fraction of the H&E patch (thumbnail tissue mask)
+    min_ihc_signal: float = 0.1  # non-glass fraction of the IHC patch (skips tears, glass)
     seed: int = 0
     max_attempts_factor: int = 50  # random mode gives up after num_pairs * this draws
 
@@ -268,8 +269,11 @@ class PairSamplingConfig:
             raise PairingError(f"patch_size must be >= 8 px, got {self.patch_size}")
         if self.num_pairs < 0:
             raise PairingError(f"num_pairs must be >= 0, got {self.num_pairs}")
-        if not 0.0 <= self.min_tissue <= 1.0:
-            raise PairingError(f"min_tissue must be in [0, 1], got {self.min_tissue}")
+        if not (0.0 <= self.min_tissue <= 1.0 and 0.0 <= self.min_ihc_signal <= 1.0):
+            raise PairingError(
+                f"min_tissue and min_ihc_signal must be in [0, 1], got {self.min_tissue}, "
+                f"{self.min_ihc_signal}"
+            )
         if not self.grid and self.num_pairs == 0:
             raise PairingError("random sampling needs num_pairs >= 1 (0 means 'all' in grid mode)")
 
@@ -318,9 +322,12 @@ def warp_patch(section: Section, matrix: np.ndarray, x: int, y: int, size: int) 
     # Output (u, v) -> region coordinates (the offset of the box folded into c and f).
     coefficients = (a, b, a * x + b * y + c - left, d, e, d * x + e * y + f - top)
     warped = Image.fromarray(region).transform(
-        (size, size), Image.Transform.AFFINE, coefficients, Image.Resampling.BILINEAR,
+        (size, size),
+        Image.Transform.AFFINE,
+        coefficients,
+        Image.Resampling.BILINEAR,
         fillcolor=(255, 255, 255),
-    )  # fmt: skip
+    )
     return np.asarray(warped, dtype=np.uint8)
 
 
@@ -335,13 +342,19 @@ def _mapped_inside(matrix: np.ndarray, x: int, y: int, size: int, section: Secti
     )
 
 
-def _ihc_tissue(section: Section, matrix: np.ndarray, x: int, y: int, size: int) -> float:
-    """Tissue fraction of the IHC section around the mapped patch (its bounding box)."""
-    corners = np.array([[x, y], [x + size, y], [x, y + size], [x + size, y + size]], float)
-    mapped = corners @ matrix[:, :2].T + matrix[:, 2]
-    left, top = mapped.min(axis=0)
-    right, bottom = mapped.max(axis=0)
-    return section.tissue_fraction(left, top, right - left, bottom - top)
+# A pixel is glass when it is bright and grey: mean RGB >= GLASS_GREY and max - min channel
+# < GLASS_SPREAD. A fixed rule, not Otsu: pale IHC stains (little saturation anywhere) would
+# make a per-slide Otsu threshold land inside the tissue.
+GLASS_GREY = 225
+GLASS_SPREAD = 25
+
+
+def non_glass_fraction(patch: np.ndarray) -> float:
+    """Fraction of the pixels of a uint8 (h, w, 3) patch that are not bright grey glass."""
+    pixels = patch.astype(np.int16)
+    grey = pixels.mean(axis=-1)
+    spread = pixels.max(axis=-1) - pixels.min(axis=-1)
+    return float(((grey < GLASS_GREY) | (spread >= GLASS_SPREAD)).mean())
 
 
 def _candidates(he: Section, config: PairSamplingConfig, rng: np.random.Generator):
@@ -369,8 +382,9 @@ def sample_patch_pairs(
 ) -> PatchPairs:
     """Patch pairs over tissue: H&E box (x, y) and the IHC pixels at the mapped place.
 
-    A position is kept when both patches reach `min_tissue` (thumbnail tissue masks) and the
-    mapped box lies inside the IHC section. Random mode draws positions until `num_pairs`
+    A position is kept when the H&E patch reaches `min_tissue` (its thumbnail tissue mask),
+    the mapped box lies inside the IHC section and the warped IHC patch is at least
+    `min_ihc_signal` non-glass (`non_glass_fraction`). Random mode draws positions until `num_pairs`
     are kept (raising PairingError if too few are found); grid mode keeps every qualifying
     grid cell in raster order (the first `num_pairs`, when > 0). Deterministic given `seed`.
     """
@@ -381,6 +395,7 @@ def sample_patch_pairs(
     rng = np.random.default_rng(config.seed)
     size = config.patch_size
     kept: list[tuple[int, int, float]] = []
+    ihc_patches: list[np.ndarray] = []
     for x, y in _candidates(he, config, rng):
         x, y = int(x), int(y)
         if not _mapped_inside(matrix, x, y, size, ihc):
@@ -388,24 +403,26 @@ def sample_patch_pairs(
         fraction = he.tissue_fraction(x, y, size, size)
         if fraction < config.min_tissue:
             continue
-        if _ihc_tissue(ihc, matrix, x, y, size) < config.min_tissue:
+        ihc_patch = warp_patch(ihc, matrix, x, y, size)
+        if non_glass_fraction(ihc_patch) < config.min_ihc_signal:
             continue
         kept.append((x, y, fraction))
+        ihc_patches.append(ihc_patch)
         if config.num_pairs and len(kept) >= config.num_pairs:
             break
     if not kept or (not config.grid and len(kept) < config.num_pairs):
         raise PairingError(
             f"found {len(kept)} of {config.num_pairs or 'any'} patch pairs with >= "
-            f"{config.min_tissue:.0%} tissue in both sections; lower min_tissue or patch_size, "
-            "ask for fewer pairs, or check that the landmarks map the H&E onto the IHC section"
+            f"{config.min_tissue:.0%} H&E tissue and >= {config.min_ihc_signal:.0%} IHC signal; "
+            "lower min_tissue or patch_size, ask for fewer pairs, or check that the landmarks "
+            "map the H&E onto the IHC section"
         )
     he_patches = np.stack([he.read(x, y, size, size) for x, y, _ in kept])
-    ihc_patches = np.stack([warp_patch(ihc, matrix, x, y, size) for x, y, _ in kept])
     he_xy = np.array([(x, y) for x, y, _ in kept], dtype=np.int64)
     centres = he_xy.astype(np.float64) + size / 2.0
     return PatchPairs(
         he=he_patches,
-        ihc=ihc_patches,
+        ihc=np.stack(ihc_patches),
         he_xy=he_xy,
         ihc_xy=centres @ matrix[:, :2].T + matrix[:, 2],
         names=[f"pair_{i:05d}_x{x}_y{y}" for i, (x, y, _) in enumerate(kept)],
@@ -414,6 +431,7 @@ def sample_patch_pairs(
             "patch_size": size,
             "grid": config.grid,
             "min_tissue": config.min_tissue,
+            "min_ihc_signal": config.min_ihc_signal,
             "seed": config.seed,
             "matrix": matrix.tolist(),
             "he": he.name,
@@ -554,8 +572,11 @@ def read_pairs(folder: str | Path) -> tuple[PatchPairs, np.ndarray | None]:
         if len(common) < len(he_map) or len(common) < len(ihc_map):
             logger.warning(
                 "%s: %d he/ and %d ihc/ tiles, %d matched by name; the rest are ignored",
-                folder, len(he_map), len(ihc_map), len(common),
-            )  # fmt: skip
+                folder,
+                len(he_map),
+                len(ihc_map),
+                len(common),
+            )
         names = [str(key) for key in common]
         he_files = [he_map[key] for key in common]
         ihc_files = [ihc_map[key] for key in common]

@@ -1,9 +1,11 @@
 """`mupad staining ...`: H&E -> IHC by a flow in embedding space (mounted as `staining`).
 
-mupad staining pairs          --he HE.jpg --ihc IHC.jpg --landmarks HE.csv --landmarks IHC.csv --out PAIRS
-mupad staining train-flow     (--pairs PAIRS | --he ... --ihc ... --landmarks ... --landmarks ...) --out FLOW
-mupad staining train-generator --pairs PAIRS --flow FLOW --out IHC_RUN
-mupad staining apply          --flow FLOW --checkpoint IHC_RUN --he HE.jpg_or_TILE_DIR --out DIR
+Serial sections -> patch pairs -> flow -> IHC generator -> translated tiles:
+
+- `pairs --he HE.jpg --ihc IHC.jpg --landmarks HE.csv --landmarks IHC.csv --out PAIRS`
+- `train-flow --pairs PAIRS --out FLOW` (or `--he/--ihc/--landmarks` instead of `--pairs`)
+- `train-generator --pairs PAIRS --flow FLOW --out IHC_RUN`
+- `apply --flow FLOW --checkpoint IHC_RUN --he HE.jpg_or_TILE_DIR --out DIR`
 """
 
 from __future__ import annotations
@@ -48,9 +50,15 @@ staining_app = typer.Typer(
 console = Console(stderr=True)
 
 _ERRORS = (
-    HE2IHCError, PairingError, ConfigError, FileNotFoundError, SlideError, EncoderError,
-    ResumeError, TileFolderError,
-)  # fmt: skip
+    HE2IHCError,
+    PairingError,
+    ConfigError,
+    FileNotFoundError,
+    SlideError,
+    EncoderError,
+    ResumeError,
+    TileFolderError,
+)
 
 
 def _fail(exc: Exception) -> typer.Exit:
@@ -79,6 +87,7 @@ def _pairs_from_sections(
     blocks: str,
     seed: int,
     mpp: float | None,
+    min_ihc_signal: float,
 ):
     """Register, sample and split -> (pairs, split, affine fit)."""
     from mupad.applications.serial_pairs import (
@@ -92,7 +101,8 @@ def _pairs_from_sections(
 
     if len(landmarks) != 2:
         raise PairingError(
-            f"give --landmarks twice: the H&E landmark file, then the IHC one (got {len(landmarks)})"
+            "give --landmarks twice: the H&E landmark file, then the IHC one "
+            f"(got {len(landmarks)})"
         )
     fit = fit_affine(
         read_landmarks(landmarks[0], landmark_scale), read_landmarks(landmarks[1], landmark_scale)
@@ -100,14 +110,23 @@ def _pairs_from_sections(
     he_section, ihc_section = load_section(he, mpp), load_section(ihc, mpp)
     try:
         config = PairSamplingConfig(
-            patch_size=patch_size, num_pairs=num_pairs, grid=grid, min_tissue=min_tissue, seed=seed
+            patch_size=patch_size,
+            num_pairs=num_pairs,
+            grid=grid,
+            min_tissue=min_tissue,
+            min_ihc_signal=min_ihc_signal,
+            seed=seed,
         )
         pairs = sample_patch_pairs(he_section, ihc_section, fit.matrix, config)
         pairs.info["registration"] = fit.to_dict()
         split = region_split(
-            pairs, he_section.width, he_section.height,
-            blocks=_parse_blocks(blocks), heldout_fraction=heldout_fraction, seed=seed,
-        )  # fmt: skip
+            pairs,
+            he_section.width,
+            he_section.height,
+            blocks=_parse_blocks(blocks),
+            heldout_fraction=heldout_fraction,
+            seed=seed,
+        )
     finally:
         he_section.close()
         ihc_section.close()
@@ -142,6 +161,9 @@ def pairs(
     ] = 512,
     grid: Annotated[bool, typer.Option(help="A regular grid instead of random positions")] = False,
     min_tissue: float = 0.5,
+    min_ihc_signal: Annotated[
+        float, typer.Option(help="Least non-glass fraction of an IHC patch")
+    ] = 0.1,
     heldout_fraction: Annotated[
         float, typer.Option(help="Fraction of region blocks held out")
     ] = 0.25,
@@ -154,9 +176,20 @@ def pairs(
 
     try:
         found, split, fit = _pairs_from_sections(
-            he, ihc, landmarks, landmark_scale, patch_size, num_pairs, grid, min_tissue,
-            heldout_fraction, blocks, seed, mpp,
-        )  # fmt: skip
+            he,
+            ihc,
+            landmarks,
+            landmark_scale,
+            patch_size,
+            num_pairs,
+            grid,
+            min_tissue,
+            heldout_fraction,
+            blocks,
+            seed,
+            mpp,
+            min_ihc_signal,
+        )
         write_pairs(found, out, split)
     except _ERRORS as exc:
         raise _fail(exc) from exc
@@ -185,6 +218,9 @@ def train_flow(
     patch_size: int = 64,
     num_pairs: int = 512,
     min_tissue: float = 0.5,
+    min_ihc_signal: Annotated[
+        float, typer.Option(help="Least non-glass fraction of an IHC patch")
+    ] = 0.1,
     heldout_fraction: Annotated[
         float,
         typer.Option(
@@ -207,6 +243,13 @@ def train_flow(
     lr: float = _FLOW.learning_rate,
     weight_decay: float = _FLOW.weight_decay,
     sample_steps: Annotated[int, typer.Option(help="ODE steps H&E -> IHC")] = _FLOW.sample_steps,
+    components: Annotated[
+        int, typer.Option(help="Work on this many principal axes per domain (0 = all dims)")
+    ] = _FLOW.components,
+    dropout: float = _FLOW.dropout,
+    source_noise: Annotated[
+        float, typer.Option(help="Gaussian noise on the standardised H&E source in training")
+    ] = _FLOW.source_noise,
     eval_every: int = _FLOW.eval_every,
     seed: int = 0,
     device: str = "cpu",
@@ -224,9 +267,20 @@ def train_flow(
             found, split = read_pairs(pairs)
         elif he is not None and ihc is not None:
             found, split, fit = _pairs_from_sections(
-                he, ihc, landmarks or [], landmark_scale, patch_size, num_pairs, False,
-                min_tissue, heldout_fraction, blocks, seed, mpp,
-            )  # fmt: skip
+                he,
+                ihc,
+                landmarks or [],
+                landmark_scale,
+                patch_size,
+                num_pairs,
+                False,
+                min_tissue,
+                heldout_fraction,
+                blocks,
+                seed,
+                mpp,
+                min_ihc_signal,
+            )
             _report_fit(fit)
             write_pairs(found, out / "pairs", split)
         else:
@@ -234,15 +288,30 @@ def train_flow(
                 "give --pairs DIR, or --he IMG --ihc IMG --landmarks HE.csv --landmarks IHC.csv"
             )
         config = EmbeddingFlowConfig(
-            hidden=hidden, blocks=flow_blocks, steps=steps, batch_size=batch_size,
-            learning_rate=lr, weight_decay=weight_decay, sample_steps=sample_steps,
-            eval_every=eval_every, seed=seed,
-        )  # fmt: skip
+            hidden=hidden,
+            blocks=flow_blocks,
+            steps=steps,
+            batch_size=batch_size,
+            learning_rate=lr,
+            weight_decay=weight_decay,
+            sample_steps=sample_steps,
+            components=components,
+            dropout=dropout,
+            source_noise=source_noise,
+            eval_every=eval_every,
+            seed=seed,
+        )
         spec = EmbeddingSpec(encoder=encoder, image_size=encoder_image_size, tokens=tokens)
         _, metrics = train_flow_from_pairs(
-            found, out, config, spec, split=split, heldout_fraction=heldout_fraction,
-            device=device, progress=progress,
-        )  # fmt: skip
+            found,
+            out,
+            config,
+            spec,
+            split=split,
+            heldout_fraction=heldout_fraction,
+            device=device,
+            progress=progress,
+        )
     except _ERRORS as exc:
         raise _fail(exc) from exc
     console.print(format_metrics(metrics))
@@ -262,6 +331,9 @@ def train_generator(
     tiles: Annotated[Path | None, typer.Option(help="Or any folder of IHC tiles")] = None,
     preset: str = "tiny",
     patch_size: Annotated[int, typer.Option(help="SiT patch size; 0 = the preset's")] = 4,
+    hidden_size: Annotated[int, typer.Option(help="SiT width; 0 = the preset's")] = 0,
+    depth: Annotated[int, typer.Option(help="SiT blocks; 0 = the preset's")] = 0,
+    heads: Annotated[int, typer.Option(help="Attention heads; 0 = the preset's")] = 0,
     init_from: Annotated[
         Path | None,
         typer.Option(help="A MUPAD checkpoint to fine-tune (image stream of the same width)"),
@@ -298,16 +370,40 @@ def train_generator(
             images = load_image_tiles(tiles).images  # type: ignore[arg-type]
         embeddings = embed_tiles(spec.build(device), images, spec.tokens, progress=progress)
         config = TrainConfig(
-            steps=steps, batch_size=batch_size, learning_rate=lr, ema_decay=ema_decay,
-            precision=precision, checkpoint_every=checkpoint_every, seed=seed,
-        )  # fmt: skip
+            steps=steps,
+            batch_size=batch_size,
+            learning_rate=lr,
+            ema_decay=ema_decay,
+            precision=precision,
+            checkpoint_every=checkpoint_every,
+            seed=seed,
+        )
         result = train_ihc_generator(
-            images, embeddings, out, train_config=config, preset=preset, patch_size=patch_size,
+            images,
+            embeddings,
+            out,
+            train_config=config,
+            preset=preset,
+            patch_size=patch_size,
+            model_overrides={
+                name: value
+                for name, value in (
+                    ("hidden_size", hidden_size),
+                    ("depth", depth),
+                    ("num_heads", heads),
+                )
+                if value
+            },
             init_from=init_from,
-            metadata={"embedding": to_dict(spec), "mpp": embedding_flow.metadata.get("mpp"),
-                      "flow": str(flow), "tiles": str(pairs or tiles)},
-            device=device, progress=progress,
-        )  # fmt: skip
+            metadata={
+                "embedding": to_dict(spec),
+                "mpp": embedding_flow.metadata.get("mpp"),
+                "flow": str(flow),
+                "tiles": str(pairs or tiles),
+            },
+            device=device,
+            progress=progress,
+        )
     except _ERRORS as exc:
         raise _fail(exc) from exc
     console.print(f"[green]trained[/green] {out}: step {result.step}, loss {result.last_loss:.4f}")
@@ -341,19 +437,31 @@ def apply(
             sampler=sampler,
             num_steps=steps,
             guidance=GuidanceConfig(
-                schedule=guidance_schedule, start=guidance_start, end=guidance_end,
+                schedule=guidance_schedule,
+                start=guidance_start,
+                end=guidance_end,
                 mode=GuidanceMode.JOINT,
             ),
             seed=seed,
-        )  # fmt: skip
+        )
         translator = HEToIHCTranslator.from_pretrained(
-            flow, checkpoint, sample_config=sample_config, flow_steps=flow_steps or None,
-            device=device, batch_size=batch_size,
-        )  # fmt: skip
+            flow,
+            checkpoint,
+            sample_config=sample_config,
+            flow_steps=flow_steps or None,
+            device=device,
+            batch_size=batch_size,
+        )
         result = apply_to_he(
-            translator, he, out, min_tissue=min_tissue, max_tiles=max_tiles, mpp=mpp,
-            provenance={"flow": str(flow), "checkpoint": str(checkpoint)}, progress=progress,
-        )  # fmt: skip
+            translator,
+            he,
+            out,
+            min_tissue=min_tissue,
+            max_tiles=max_tiles,
+            mpp=mpp,
+            provenance={"flow": str(flow), "checkpoint": str(checkpoint)},
+            progress=progress,
+        )
     except _ERRORS as exc:
         raise _fail(exc) from exc
     console.print(

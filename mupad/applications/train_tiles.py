@@ -77,8 +77,15 @@ def train_on_tile_folder(
     captions: dict[str, str] | None = None,
     dist: DistContext | None = None,
     progress: bool = True,
+    init_from: str | Path | None = None,
 ) -> TileRun:
-    """Train a caption-conditioned SiT on `data/<class>/<tile>` crops; resumes if `out` has a run."""
+    """Train a caption-conditioned SiT on `data/<class>/<tile>` crops; resumes if `out` has a run.
+
+    `init_from` (a run, checkpoint or model folder) warm-starts a fresh run from those weights
+    (its model config, with `sample_size` set to this crop); the optimizer, EMA and step start
+    anew. Once `out` has a checkpoint of its own, the run resumes from it and `init_from`
+    only has to name the same weights.
+    """
     tiles = load_tile_folder(data)
     captions = captions or {}
     texts = [captions.get(name, default_caption(name)) for name in tiles.class_names]
@@ -87,6 +94,19 @@ def train_on_tile_folder(
     codec = load_codec(latents)
     if crop % codec.downsample:
         raise ValueError(f"crop {crop} is not a multiple of the codec's downsample {codec.downsample}")
+    initial = None
+    if init_from is not None:
+        if model_config is not None:
+            raise ConfigError("give either model_config or init_from (whose config is used)")
+        initial = _initial_weights(Path(init_from), crop // codec.downsample)
+        model_config = initial[0]
+        if model_config.text_dim != encoder.dim or model_config.in_channels != codec.latent_channels:
+            raise ConfigError(
+                f"{init_from} takes {model_config.in_channels}-channel inputs and "
+                f"{model_config.text_dim}-wide text tokens, but the {latents!r} codec gives "
+                f"{codec.latent_channels} channels and the {text_encoder!r} encoder {encoder.dim}-"
+                "wide tokens; use the codec and text encoder the pretrained run was trained with"
+            )
     if model_config is None:
         model_config = model_preset(
             preset,
@@ -108,6 +128,8 @@ def train_on_tile_folder(
     )
     torch.manual_seed(train_config.seed)
     model = SiT(model_config)
+    if initial is not None:
+        _load_initial_weights(model, initial[1], Path(init_from))  # type: ignore[arg-type]
     batches: BatchFn = CaptionedCropBatches(
         tiles, bank, crop, train_config.batch_size, keep_pixels=teacher is not None
     )
@@ -121,6 +143,8 @@ def train_on_tile_folder(
         "captions": texts,
         "crop": crop,
     }
+    if init_from is not None:
+        metadata["init_from"] = str(init_from)
     trainer = Trainer(
         model,
         train_config,
@@ -133,6 +157,34 @@ def train_on_tile_folder(
         progress=progress,
     )
     return TileRun(tiles=tiles, bank=bank, codec=codec, result=trainer.train())
+
+
+_CLS_PREFIXES = ("cls_embed.", "cls_head.")
+
+
+def _initial_weights(path: Path, sample_size: int) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(model config, weights) of a pretrained run / checkpoint / model folder."""
+    model_dir, _ = _resolve_checkpoint(path)
+    pretrained = SiT.from_pretrained(model_dir)
+    config = dataclasses.replace(pretrained.config, sample_size=sample_size)
+    return config, pretrained.state_dict()
+
+
+def _load_initial_weights(model: SiT, weights: dict[str, torch.Tensor], source: Path) -> None:
+    """Copy pretrained weights into a freshly built model. A CLS-token model may warm-start a
+    CLS-free one (its CLS layers are dropped); any other difference is an error."""
+    expected = model.state_dict()
+    if not model.config.cls_dim:
+        weights = {k: v for k, v in weights.items() if not k.startswith(_CLS_PREFIXES)}
+    missing = sorted(set(expected) - set(weights))
+    wrong = sorted(k for k in set(expected) & set(weights) if expected[k].shape != weights[k].shape)
+    if missing or wrong or set(weights) - set(expected):
+        raise ConfigError(
+            f"the weights in {source} do not fit the model being trained (missing "
+            f"{missing[:4]}, shape mismatches {wrong[:4]}); the objective or conditions differ "
+            "from the pretrained run's"
+        )
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in weights.items()})
 
 
 def _resolve_checkpoint(path: Path) -> tuple[Path, dict[str, Any]]:

@@ -16,7 +16,7 @@ Condition handling is split in two:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,10 @@ class SelfAttention(nn.Module):
         self.num_heads = num_heads
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size)  # one GEMM instead of three
         self.proj = nn.Linear(hidden_size, hidden_size)
+        # Attention control (`mupad.models.attention_control`): a callable (q, k, v) -> (q, k, v)
+        # bound only inside `attention_control(model, controller)`. None (the default) leaves
+        # the forward pass the plain fused-QKV + SDPA call below.
+        self.control: Callable[..., tuple[torch.Tensor, ...]] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, dim = x.shape  # (B, N, D)
@@ -55,6 +59,8 @@ class SelfAttention(nn.Module):
         # stacked straight into (B, N, 3, H, d), the layout the qkv Linear wants, which saves
         # a full copy of the (B, N, 3D) gradient per block.
         q, k, v = (part.transpose(1, 2) for part in qkv.unbind(2))  # each (B, H, N, d)
+        if self.control is not None:
+            q, k, v = self.control(q, k, v)  # record and/or replace rows, each (B, H, N, d)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, d)
         return self.proj(_merge_heads(out))  # (B, N, D)
 

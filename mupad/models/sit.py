@@ -437,6 +437,10 @@ class SiT(nn.Module):
             )
         return self.forward(x, t, cond).velocity
 
+    def self_attention_layers(self) -> list[SelfAttention]:
+        """Every block's self-attention, in block order (for `mupad.models.attention_control`)."""
+        return [block.attn for block in self.blocks]
+
     @property
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
