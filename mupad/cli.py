@@ -44,6 +44,7 @@ def _mount_subcommands() -> None:
     """Command groups that live next to their library code."""
     from mupad.applications.ff2ffpe_cli import ffpe_app
     from mupad.applications.mif_cli import mif_app
+    from mupad.applications.staining_cli import staining_app
     from mupad.applications.wsi_cli import wsi_app
     from mupad.data.prepare_cli import prepare
     from mupad.omics.cli import omics_app
@@ -57,6 +58,7 @@ def _mount_subcommands() -> None:
     app.add_typer(wsi_app, name="wsi")
     app.add_typer(mif_app, name="mif")
     app.add_typer(ffpe_app, name="ffpe")
+    app.add_typer(staining_app, name="staining")
 
 
 _mount_subcommands()

@@ -152,6 +152,7 @@ TranslatorFactory = Callable[[Path | None, TranslatorOptions], TileTranslator]
 _TRANSLATORS: dict[str, str | TranslatorFactory] = {
     "identity": "mupad.applications.wsi:identity_translator",
     "he2mif": "mupad.applications.he2mif:wsi_translator",
+    "he2ihc": "mupad.applications.he2ihc:wsi_translator",
     "ff2ffpe": "mupad.applications.ff2ffpe:wsi_translator",
 }
 
