@@ -147,8 +147,7 @@ class TranslatorOptions:
 TranslatorFactory = Callable[[Path | None, TranslatorOptions], TileTranslator]
 
 # name -> factory, or "module:attribute" of a factory (imported only when used, so that the CLI
-# starts fast). Translations register here with one line each, e.g.
-#   "he2ihc": "mupad.applications.he2ihc:wsi_translator",
+# starts fast). Translations register here with one line each.
 _TRANSLATORS: dict[str, str | TranslatorFactory] = {
     "identity": "mupad.applications.wsi:identity_translator",
     "he2mif": "mupad.applications.he2mif:wsi_translator",
