@@ -547,12 +547,17 @@ def print_report(report: dict[str, Any]) -> None:
         f"{report['peak_sizes']}^3, {report['peak_repeats']} repeats at start and end and one "
         f"per round; best at {peak['size']}^3)"
     )
-    busy = max(report["load_average_start"][0], max(report["round_load_averages"], default=0))
-    if machine["device"] == "cpu" and busy > 0.5 * (machine["cpu_count"] or 1):
+    # This run's own threads add about `threads` to the load average while it runs.
+    cpus, threads = machine["cpu_count"] or 1, machine["threads"]
+    others = max(
+        report["load_average_start"][0],
+        max(report["round_load_averages"], default=0.0) - threads,
+    )
+    if machine["device"] == "cpu" and others > 0.5 * cpus:
         print(
-            f"WARNING: load average up to {busy:.1f} on {machine['cpu_count']} CPUs: other "
-            "processes shared this machine, so step times (and the peak) are inflated and "
-            "noisy; re-run when it is idle (see `uptime`)"
+            f"WARNING: other processes kept about {others:.1f} of {cpus} CPUs busy (load "
+            "average, less this run's threads): step times (and the peak) are inflated and "
+            "noisy; re-run when the machine is idle (see `uptime`)"
         )
     print(
         f"batch {batch}, 32x32x4 latents, text stream {TEXT_TOKENS} tokens x {TEXT_DIM}, "
