@@ -475,13 +475,13 @@ def as_uint8_images(images: Any) -> tuple[torch.Tensor, list[str]]:
 def load_image(path: str | Path) -> tuple[np.ndarray, list[str]]:
     """An image file -> (uint8 (H, W, 3), conversions): gray replicated, alpha onto white,
     16-bit scaled (see `mupad.applications.reference_images`)."""
-    from mupad.applications.reference_images import ReferenceImageError, _open_array, to_rgb8
+    from mupad.applications.reference_images import ReferenceImageError, open_image_array, to_rgb8
 
     path = Path(path)
     if not path.is_file():
         raise FFPEError(f"input image {path} does not exist")
     try:
-        raw, _, _ = _open_array(path)
+        raw, _, _ = open_image_array(path)
         return to_rgb8(raw, str(path))
     except ReferenceImageError as error:
         raise FFPEError(str(error).replace("reference image", "input image")) from None

@@ -76,7 +76,7 @@ def _decode_deep(path: Path) -> np.ndarray:
     return np.asarray(imagecodecs.png_decode(path.read_bytes()))
 
 
-def _open_array(path: Path) -> tuple[np.ndarray, str, tuple[int, int]]:
+def open_image_array(path: Path) -> tuple[np.ndarray, str, tuple[int, int]]:
     """(array (H, W) or (H, W, C), source mode, (width, height)) of an image file."""
     if not path.is_file():
         raise ReferenceImageError(f"reference image {path} does not exist")
@@ -219,7 +219,7 @@ def load_reference_image(
     """Read, convert to 8-bit RGB, resample to the model's µm/px, centre-crop to tile_px."""
     path = Path(path)
     check_scale(mpp, model_mpp, path)
-    raw, mode, size = _open_array(path)
+    raw, mode, size = open_image_array(path)
     rgb, notes = to_rgb8(raw, str(path))
     height, width = rgb.shape[:2]
     if mpp is not None and abs(mpp / model_mpp - 1.0) > _SCALE_TOLERANCE:  # type: ignore[operator]
