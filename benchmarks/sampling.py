@@ -5,13 +5,12 @@ All timings come from the same run, on the same model, from the same noise:
 1. Guidance. 250-step Euler-Maruyama SDE with guidance linearly annealed 2.5 -> 0 (the
    paper's sampler; `mupad.transport.guidance.GuidedVelocity` makes one plain forward
    wherever w(t) = 0) against naive CFG, which runs the conditional and the unconditional
-   pass at every step whatever w(t) (a wrapper in this file, not a library mode). Also an
-   illustrative arm whose anneal is cut to 0 below a threshold (`--cut-below`), to show what
-   skipping the unconditional pass would buy. Note: the linear anneal reaches 0 only at
-   t = 0, and the SDE never evaluates the velocity there (its last evaluation is at
-   t = last_step_size = 0.04, where w = 0.1), so with the paper's schedule the annealed
-   sampler makes exactly the naive number of passes; the run checks that both give the same
-   samples.
+   pass at every step whatever w(t) (a wrapper in this file, not a library mode), and the
+   anneal with `GuidanceConfig.skip_below` (`--skip-below`): scales below it count as 0, so
+   the tail makes one pass. The bare linear anneal reaches 0 only at t = 0, which the SDE
+   never evaluates (its last evaluation is at t = last_step_size = 0.04, where w = 0.1), so
+   without the cut-off the annealed sampler makes exactly the naive number of passes; the
+   run checks that both give the same samples.
 2. Absent modalities. An image + text model sampled with text only (the image stream is
    skipped: `attention.prepare_streams` drops a stream no sample has) against all streams
    present, both with the paper's sampler.
@@ -23,7 +22,9 @@ All timings come from the same run, on the same model, from the same noise:
    (`mupad.evaluation.pixel_stats.sliced_wasserstein_rgb`), with the distance of a second
    real set of the same size (the floor) and of Gaussian noise. (The squared distance of
    ODE samples to an SDE sample from the same noise is not a quality measure: the SDE adds
-   fresh noise.) FID on held-out tiles replaces this once the evaluation issue lands.
+   fresh noise.) The SDE is also sampled with each `--quality-skip` cut-off from the same
+   noise: the mean absolute pixel difference to the exact sampler's images says what the
+   skipped unconditional passes change.
 
     python benchmarks/sampling.py                          # SiT-S/2, 32x32x4 latents
     python benchmarks/sampling.py --quick                  # tiny model, < 2 min on a CPU
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import statistics
@@ -53,7 +55,8 @@ import torch
 from mupad.conditions import Conditions, ConditionStream
 from mupad.config import GuidanceConfig, SampleConfig, model_preset, to_dict
 from mupad.models import SiT
-from mupad.transport.guidance import GuidanceSchedule, GuidedVelocity
+from mupad.models.kv_cache import condition_kv_cache
+from mupad.transport.guidance import GuidanceSchedule
 from mupad.transport.samplers import sample
 
 GUIDANCE = GuidanceConfig(schedule="linear", start=2.5, end=0.0)
@@ -89,17 +92,6 @@ class NaiveCFG:
         out = self.fn(torch.cat([x, x]), torch.cat([t, t]), both)  # one call, 2B rows
         v_cond, v_uncond = out[:batch], out[batch:]
         return v_cond + self.schedule(float(t[0])) * (v_cond - v_uncond)
-
-
-class CutSchedule:
-    """The linear anneal, set to 0 where it falls below `minimum` (then no uncond pass)."""
-
-    def __init__(self, schedule: GuidanceSchedule, minimum: float) -> None:
-        self.schedule, self.minimum = schedule, minimum
-
-    def __call__(self, t: float) -> float:
-        w = self.schedule(t)
-        return w if w >= self.minimum else 0.0
 
 
 # --------------------------------------------------------------------------------------
@@ -184,13 +176,19 @@ def guidance_and_modalities(
             fn, noise, text_only, sde_config(GUIDANCE, args.steps, args.seed)
         ),
     }
-    if args.cut_below > 0:
+    if args.skip_below > 0:
+        cut = dataclasses.replace(GUIDANCE, skip_below=args.skip_below)
         arms["annealed_cut"] = lambda fn: sample(
-            GuidedVelocity(fn, CutSchedule(schedule, args.cut_below)),  # type: ignore[arg-type]
-            noise,
-            cond,
-            sde_config(NO_GUIDANCE, args.steps, args.seed),
+            fn, noise, cond, sde_config(cut, args.steps, args.seed)
         )
+    else:
+        cut = GUIDANCE
+
+    def cached(fn: Counting) -> torch.Tensor:
+        with condition_kv_cache(model):
+            return sample(fn, noise, cond, sde_config(cut, args.steps, args.seed))
+
+    arms["annealed_cut_kv_cached"] = cached  # what `mupad generate` runs
     names = list(arms)
     times: dict[str, list[float]] = {name: [] for name in names}
     cpu_times: dict[str, list[float]] = {name: [] for name in names}
@@ -235,9 +233,11 @@ def guidance_and_modalities(
         "naive_over_annealed": ratio("naive_cfg", "annealed_cfg"),
         "all_streams_over_text_only": ratio("annealed_cfg", "text_only_annealed"),
     }
+    result["ratios"]["naive_over_cut_kv_cached"] = ratio("naive_cfg", "annealed_cut_kv_cached")
     if "annealed_cut" in wall:
         result["ratios"]["naive_over_annealed_cut"] = ratio("naive_cfg", "annealed_cut")
-        result["annealed_cut_t_below"] = args.cut_below / GUIDANCE.start
+        result["ratios"]["cut_over_cut_kv_cached"] = ratio("annealed_cut", "annealed_cut_kv_cached")
+        result["annealed_cut_t_below"] = args.skip_below / GUIDANCE.start
     result["max_abs_diff_naive_vs_annealed"] = diff
     result["sample_std"] = {name: float(out.std()) for name, out in outputs.items()}
     return result
@@ -315,7 +315,7 @@ def quality(args: argparse.Namespace, device: torch.device, budget_s: float) -> 
     probe = SampleConfig(sampler="sde", num_steps=2, guidance=GUIDANCE, seed=args.seed)
     generate(model, cond, probe)  # warm-up
     step_s = timed(device, lambda: generate(model, cond, probe))[0] / 2
-    evaluations = args.steps + 3 * sum(args.quality_ode_steps)
+    evaluations = args.steps * (1 + len(args.quality_skip)) + 3 * sum(args.quality_ode_steps)
     projected = step_s * evaluations
     if budget_s and projected > budget_s:
         reason = (
@@ -325,21 +325,28 @@ def quality(args: argparse.Namespace, device: torch.device, budget_s: float) -> 
         )
         print(f"  skipped: {reason}")
         return {**result, "skipped": reason}
-    configs = [("sde", args.steps)] + [
-        (sampler, steps) for sampler in ("euler", "heun") for steps in args.quality_ode_steps
+    configs = [("sde", args.steps, 0.0)]
+    configs += [("sde", args.steps, skip) for skip in args.quality_skip]
+    configs += [
+        (sampler, steps, 0.0) for sampler in ("euler", "heun") for steps in args.quality_ode_steps
     ]
-    sde_wall = None
-    for sampler, steps in configs:
-        config = SampleConfig(sampler=sampler, num_steps=steps, guidance=GUIDANCE, seed=args.seed)
+    sde_wall, exact = None, None
+    for sampler, steps, skip in configs:
+        guidance = dataclasses.replace(GUIDANCE, skip_below=skip)
+        config = SampleConfig(sampler=sampler, num_steps=steps, guidance=guidance, seed=args.seed)
         seconds, images = timed(device, lambda: generate(model, cond, config))  # noqa: B023
         swd = sliced_wasserstein_rgb(images, real_u8)
         sde_wall = sde_wall or seconds
-        result["samplers"][f"{sampler}_{steps}"] = {
-            "wall_s": seconds,
-            "swd_to_real": swd,
-            "wall_over_sde": seconds / sde_wall,
-        }
-        print(f"  {sampler}_{steps:<14} {fmt_s(seconds)}  SWD to real {swd:.4f}")
+        exact = images if exact is None else exact
+        key = f"{sampler}_{steps}" + (f"_skip{skip:g}" if skip else "")
+        entry = {"wall_s": seconds, "swd_to_real": swd, "wall_over_sde": seconds / sde_wall}
+        if skip:
+            entry["mean_abs_diff_to_exact_sde"] = float(
+                (images.float() - exact.float()).abs().mean()
+            )
+        result["samplers"][key] = entry
+        extra = f", |diff| to exact {entry['mean_abs_diff_to_exact_sde']:.2f}/255" if skip else ""
+        print(f"  {key:<20} {fmt_s(seconds)}  SWD to real {swd:.4f}{extra}")
     return result
 
 
@@ -363,10 +370,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--ode-steps", default=None, help="comma-separated ODE step counts (default 25,50,100)"
     )
     parser.add_argument(
-        "--cut-below",
+        "--skip-below",
         type=float,
-        default=0.25,
-        help="illustrative arm: guidance set to 0 where the anneal is below this (0: no arm)",
+        default=0.5,
+        help="arm with GuidanceConfig.skip_below: guidance below this scale counts as 0 (0: no arm)",
+    )
+    parser.add_argument(
+        "--quality-skip",
+        default="0.25,0.5,1.0",
+        help="quality: skip_below values sampled from the same noise as the exact SDE",
     )
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per arm (median)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
@@ -399,6 +411,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if args.quality_ode_steps
         else args.ode_steps
     )
+    args.quality_skip = [float(v) for v in args.quality_skip.split(",") if v.strip()]
     if args.quality is None:
         args.quality = not args.quick
     return args
@@ -449,7 +462,7 @@ def main(argv: list[str] | None = None) -> dict:
         sample(model.velocity, noise, cond, warm)
         step_s, _ = timed(device, lambda: sample(model.velocity, noise, cond, warm))
     step_s /= 3
-    passes = 3 + (1 if args.cut_below > 0 else 0)  # SDE arms (text-only counted as full)
+    passes = 4 + (1 if args.skip_below > 0 else 0)  # SDE arms (text-only counted as full)
     ode_evals = sum(args.ode_steps) * 3  # Euler k + Heun 2k
     projected = step_s * (passes * args.steps + ode_evals) * args.repeats
     print(
@@ -504,10 +517,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
     if "naive_over_annealed_cut" in ratios:
         show(
-            f"naive CFG / anneal cut at w<{args.cut_below:g}",
+            f"naive CFG / anneal cut at w<{args.skip_below:g}",
             ratios["naive_over_annealed_cut"],
             f"  (no uncond pass for t < {section['annealed_cut_t_below']:.2f})",
         )
+        show("anneal cut / + condition K/V cache", ratios["cut_over_cut_kv_cached"])
+    show("naive CFG / cut + K/V cache (generate)", ratios["naive_over_cut_kv_cached"])
     show("all streams / text only", ratios["all_streams_over_text_only"])
     for key, value in results["ode_vs_sde"].items():
         show(f"{key} / SDE-{args.steps}", value["over_sde"], "  (evaluations)")

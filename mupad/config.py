@@ -225,10 +225,15 @@ class GuidanceConfig:
     image_scale: float = 1.0
     text_scale: float = 1.0
     rna_scale: float = 1.0
+    # Scales with |w(t)| below this count as 0: those steps make one plain conditional pass
+    # instead of two (the tail of an annealed schedule). 0 = exact schedule everywhere.
+    skip_below: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "schedule", parse_enum(GuidanceScheduleKind, self.schedule))
         object.__setattr__(self, "mode", parse_enum(GuidanceMode, self.mode))
+        if self.skip_below < 0.0:
+            raise ConfigError(f"guidance skip_below must be >= 0, got {self.skip_below}")
         if not 0.0 <= self.t_low <= self.t_high <= 1.0:
             raise ConfigError(
                 f"guidance interval needs 0 <= t_low <= t_high <= 1, got [{self.t_low}, {self.t_high}]"

@@ -108,6 +108,21 @@ def test_zero_scale_makes_one_plain_call_per_step():
     assert toy.batch_sizes == [4, 4, 8, 8]
 
 
+def test_skip_below_cuts_the_anneal_tail_to_one_plain_pass():
+    schedule = GuidanceSchedule.from_config(GuidanceConfig(skip_below=0.5))
+    assert schedule(1.0) == pytest.approx(2.5) and schedule(0.2) == pytest.approx(0.5)
+    assert schedule(0.19) == 0.0 and schedule(0.0) == 0.0
+    toy = ToyVelocity()
+    # Euler over 10 steps evaluates t = 1.0, 0.9, ..., 0.1: w = 2.5 t, below 0.5 only at 0.1.
+    euler_ode(guided(toy, GuidanceConfig(skip_below=0.5)), torch.zeros(2, 2), make_cond(2), 10)
+    assert toy.batch_sizes == [4] * 9 + [2]
+    # A schedule entirely below the cut-off is no guidance at all.
+    toy = ToyVelocity()
+    assert guided(toy, GuidanceConfig(schedule="constant", start=0.3, skip_below=0.5)) is toy
+    with pytest.raises(Exception, match="skip_below"):
+        GuidanceConfig(skip_below=-1.0)
+
+
 @pytest.mark.parametrize("mode", ["joint", "per_modality"])
 def test_empty_conditions_make_one_plain_call_per_step(mode):
     for cond in (None, make_cond(3, {"image": [False] * 3, "text": [False] * 3, "rna": [False] * 3})):

@@ -18,6 +18,7 @@ from mupad.config import SampleConfig
 from mupad.data.tiles import to_uint8
 from mupad.latents import IdentityCodec, LatentCodec
 from mupad.models.cls_joint import pack_state, unpack_state, velocity_fn
+from mupad.models.kv_cache import condition_kv_cache
 from mupad.transport.samplers import sample
 
 
@@ -118,7 +119,8 @@ def generate(
         if bf16
         else contextlib.nullcontext()
     )
-    with autocast:
+    # Condition K/V are the same at every step: compute them once per run.
+    with autocast, condition_kv_cache(model):
         state = sample(
             velocity_fn(model, image_shape),  # type: ignore[arg-type]
             noise,

@@ -53,6 +53,13 @@ Scale = Annotated[
 ]
 TLow = Annotated[float, typer.Option(help="Interval schedule: lower t", rich_help_panel="Sampler")]
 THigh = Annotated[float, typer.Option(help="Interval schedule: upper t", rich_help_panel="Sampler")]
+SkipBelow = Annotated[
+    float,
+    typer.Option(
+        help="Guidance below this scale counts as 0 (no unconditional pass on the annealed tail)",
+        rich_help_panel="Sampler",
+    ),
+]
 BatchSize = Annotated[
     int | None,
     typer.Option(
@@ -150,7 +157,7 @@ def _fail(error: BaseException) -> typer.Exit:
 def _sample_config(
     sampler: SamplerKind, steps: int, schedule: GuidanceScheduleKind, start: float, end: float,
     mode: GuidanceMode, image_scale: float, text_scale: float, rna_scale: float, t_low: float,
-    t_high: float, seed: int,
+    t_high: float, skip_below: float, seed: int,
 ):  # fmt: skip
     from mupad.config import GuidanceConfig, SampleConfig
 
@@ -163,6 +170,7 @@ def _sample_config(
             end=end,
             t_low=t_low,
             t_high=t_high,
+            skip_below=skip_below,
             mode=mode,
             image_scale=image_scale,
             text_scale=text_scale,
@@ -241,6 +249,7 @@ def generate(
     rna_scale: Scale = 1.0,
     guidance_t_low: TLow = 0.0,
     guidance_t_high: THigh = 1.0,
+    guidance_skip_below: SkipBelow = 0.0,
     batch_size: BatchSize = None,
     text_encoder: TextEncoder = None,
     image_encoder: ImageEncoder = None,
@@ -311,7 +320,8 @@ def generate(
             ]
         sample_config = _sample_config(
             sampler, steps, guidance_schedule, guidance_start, guidance_end, guidance_mode,
-            image_scale, text_scale, rna_scale, guidance_t_low, guidance_t_high, seed,
+            image_scale, text_scale, rna_scale, guidance_t_low, guidance_t_high,
+            guidance_skip_below, seed,
         )  # fmt: skip
         settings = _settings(
             checkpoint, text_encoder=text_encoder, image_encoder=image_encoder, latents=latents,
@@ -382,6 +392,7 @@ def augment(
     rna_scale: Scale = 1.0,
     guidance_t_low: TLow = 0.0,
     guidance_t_high: THigh = 1.0,
+    guidance_skip_below: SkipBelow = 0.0,
     batch_size: BatchSize = None,
     text_encoder: TextEncoder = None,
     image_encoder: ImageEncoder = None,
@@ -419,7 +430,8 @@ def augment(
                 raise PromptError(f"{captions} must be a JSON object {{class: caption}}")
         sample_config = _sample_config(
             sampler, steps, guidance_schedule, guidance_start, guidance_end, guidance_mode,
-            image_scale, text_scale, rna_scale, guidance_t_low, guidance_t_high, seed,
+            image_scale, text_scale, rna_scale, guidance_t_low, guidance_t_high,
+            guidance_skip_below, seed,
         )  # fmt: skip
         settings = _settings(
             checkpoint, text_encoder=text_encoder, image_encoder=image_encoder, latents=latents,

@@ -82,6 +82,9 @@ class PreparedStream:
     # path; absent samples then attend over their zeroed tokens and are gated away).
     key_mask: torch.Tensor | None
     present: torch.Tensor  # (B, 1, 1) bool, the m_k gate broadcast over (N, D)
+    # The caller's (tokens, mask, present) tensors this stream was made from: everything the
+    # per-block K/V depend on besides the weights, so they key `condition_kv_cache`.
+    sources: tuple[torch.Tensor, ...] = ()
 
 
 def prepare_streams(
@@ -142,9 +145,37 @@ def prepare_streams(
                 all_used=all_used,
                 key_mask=key_mask,
                 present=stream.present[:, None, None],
+                sources=(stream.tokens, stream.mask, stream.present),
             )
         )
     return prepared, extras
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedKV:
+    """A stream's K/V in one block, with the exact source tensors (and versions) they came from.
+
+    Holding the source tensors keeps them alive, so no new tensor can reuse their identity:
+    a hit (`is` + unchanged `_version`, same dtype) means the same condition values.
+    """
+
+    sources: tuple[torch.Tensor, ...]
+    versions: tuple[int, ...]
+    dtype: torch.dtype
+    kv: torch.Tensor  # (B, T, 2D)
+
+    @classmethod
+    def of(cls, stream: PreparedStream, kv: torch.Tensor) -> CachedKV:
+        versions = tuple(t._version for t in stream.sources)
+        return cls(stream.sources, versions, stream.tokens.dtype, kv)
+
+    def matches(self, stream: PreparedStream) -> bool:
+        return (
+            len(self.sources) == len(stream.sources)
+            and all(a is b for a, b in zip(self.sources, stream.sources))
+            and self.versions == tuple(t._version for t in stream.sources)
+            and self.dtype == stream.tokens.dtype
+        )
 
 
 # --------------------------------------------------------------------------------------
@@ -177,13 +208,27 @@ class DecoupledCrossAttention(nn.Module):
         self.out = nn.ModuleDict(
             {name: nn.Linear(hidden_size, hidden_size) for name in condition_dims}
         )
+        # Bound to a dict only inside `condition_kv_cache(model)` (mupad.models.kv_cache);
+        # None (the default, and always in training) computes K/V on every call.
+        self.kv_cache: dict[str, CachedKV] | None = None
+
+    def _stream_kv(self, stream: PreparedStream) -> torch.Tensor:
+        """K/V of one stream (B, T, 2D), from the cache when its source tensors are unchanged."""
+        if self.kv_cache is None or torch.is_grad_enabled() or not stream.sources:
+            return self.kv[stream.name](stream.tokens)
+        entry = self.kv_cache.get(stream.name)
+        if entry is not None and entry.matches(stream):
+            return entry.kv
+        kv = self.kv[stream.name](stream.tokens)
+        self.kv_cache[stream.name] = CachedKV.of(stream, kv)
+        return kv
 
     def forward(self, x: torch.Tensor, streams: Sequence[PreparedStream]) -> torch.Tensor | None:
         """x (B, N, D) -> summed gated stream outputs (B, N, D), or None if no stream is active."""
         total: torch.Tensor | None = None
         for stream in streams:
             q = _split_heads(self.q[stream.name](x), self.num_heads)  # (B, H, N, d)
-            kv = self.kv[stream.name](stream.tokens)  # (B, T, 2D)
+            kv = self._stream_kv(stream)  # (B, T, 2D)
             k, v = (_split_heads(part, self.num_heads) for part in kv.chunk(2, dim=-1))
             attended = F.scaled_dot_product_attention(q, k, v, attn_mask=stream.key_mask)
             out = self.out[stream.name](_merge_heads(attended))  # (B, N, D)

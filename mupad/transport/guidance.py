@@ -14,7 +14,9 @@ original batch is made — guidance then costs nothing.
 
 Schedules are functions of the sampler's time t (t = 1 pure noise, t = 0 data; see `paths`):
 constant, linear anneal (`start` at t = 1 to `end` at t = 0; the paper anneals 2.5 -> 0.0)
-and interval (constant `start` inside [t_low, t_high], zero outside).
+and interval (constant `start` inside [t_low, t_high], zero outside). `skip_below` sets
+|w(t)| below it to exactly 0: the paper's anneal reaches 0 only at t = 0, which no sampler
+evaluates, so without a cut-off annealed guidance never saves an unconditional pass.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class GuidanceSchedule:
     end: float = 0.0  # LINEAR: the scale at t = 0 (data)
     t_low: float = 0.0  # INTERVAL: guidance is on for t in [t_low, t_high]
     t_high: float = 1.0
+    skip_below: float = 0.0  # |w(t)| below this -> 0 (one plain pass for that step)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", parse_enum(GuidanceScheduleKind, self.kind))
@@ -53,11 +56,15 @@ class GuidanceSchedule:
             end=config.end,
             t_low=config.t_low,
             t_high=config.t_high,
+            skip_below=config.skip_below,
         )
 
     def __call__(self, t: float) -> float:
         """w(t) for a time t in [0, 1]."""
-        t = float(t)
+        w = self._scale(float(t))
+        return 0.0 if abs(w) < self.skip_below else w
+
+    def _scale(self, t: float) -> float:
         if self.kind is GuidanceScheduleKind.CONSTANT:
             return float(self.start)
         if self.kind is GuidanceScheduleKind.LINEAR:
@@ -71,8 +78,10 @@ class GuidanceSchedule:
     def is_zero(self) -> bool:
         """True when w(t) = 0 for every t (guidance can be skipped altogether)."""
         if self.kind is GuidanceScheduleKind.LINEAR:
-            return self.start == 0.0 and self.end == 0.0
-        return self.start == 0.0
+            largest = max(abs(self.start), abs(self.end))
+        else:
+            largest = abs(self.start)
+        return largest == 0.0 or largest < self.skip_below
 
 
 def _shared_time(t: torch.Tensor) -> float:
@@ -110,6 +119,12 @@ class GuidedVelocity:
     modality_scales: dict[str, float] = dataclasses.field(
         default_factory=lambda: {m.value: 1.0 for m in Modality}
     )
+    # The last (conditions, modalities dropped) and the batched conditions built from them.
+    # A sampler passes the same conditions at every step, so the batch is built once and is
+    # the same object each call — which also lets `condition_kv_cache` reuse its K/V.
+    _batched: list[tuple[Conditions, tuple[Modality, ...], Conditions]] = dataclasses.field(
+        default_factory=list, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", parse_enum(GuidanceMode, self.mode))
@@ -132,11 +147,28 @@ class GuidedVelocity:
             return self._joint(x, t, cond, w)
         return self._per_modality(x, t, cond, w)
 
+    def _batch(self, cond: Conditions, dropped: tuple[Modality, ...]) -> Conditions:
+        """[cond; cond without all modalities] (joint, `dropped` = ()) or [cond; cond without
+        each dropped modality] (per modality), memoised for the last `cond`."""
+        for seen, seen_dropped, batched in self._batched:
+            if seen is cond and seen_dropped == dropped:
+                return batched
+        if dropped:
+            parts = [cond] + [cond.without([m]) for m in dropped]
+        else:
+            parts = [cond, cond.without(list(cond.streams))]
+        batched = Conditions.concat(parts)
+        # Keep the few variants one sampling run can produce (per-modality scales can vanish
+        # at different times); a new `cond` starts afresh.
+        if self._batched and self._batched[-1][0] is not cond:
+            self._batched.clear()
+        self._batched.append((cond, dropped, batched))
+        return batched
+
     def _joint(self, x: torch.Tensor, t: torch.Tensor, cond: Conditions, w: float) -> torch.Tensor:
         batch = x.shape[0]
-        uncond = cond.without(list(cond.streams))
         x_in, t_in = _repeat_batch(x, t, 2)  # (2B, ...), (2B,)
-        out = self.velocity_fn(x_in, t_in, Conditions.concat([cond, uncond]))
+        out = self.velocity_fn(x_in, t_in, self._batch(cond, ()))
         v_cond, v_uncond = out[:batch], out[batch:]
         return v_cond + w * (v_cond - v_uncond)
 
@@ -151,10 +183,9 @@ class GuidedVelocity:
         if not scales:
             return self.velocity_fn(x, t, cond)
         batch = x.shape[0]
-        dropped = list(scales)
-        parts = [cond] + [cond.without([m]) for m in dropped]
-        x_in, t_in = _repeat_batch(x, t, len(parts))  # ((1+K)B, ...), ((1+K)B,)
-        out = self.velocity_fn(x_in, t_in, Conditions.concat(parts))
+        dropped = tuple(scales)
+        x_in, t_in = _repeat_batch(x, t, 1 + len(dropped))  # ((1+K)B, ...), ((1+K)B,)
+        out = self.velocity_fn(x_in, t_in, self._batch(cond, dropped))
         v_full = out[:batch]
         guided = v_full
         for i, m in enumerate(dropped, start=1):
