@@ -134,7 +134,8 @@ def test_empty_conditions_make_one_plain_call_per_step(mode):
 
 def test_joint_guidance_is_one_doubled_call_per_step():
     toy = ToyVelocity()
-    fn = guided(toy, GuidanceConfig())  # linear 2.5 -> 0
+    exact = GuidanceConfig(skip_below=0.0)  # linear 2.5 -> 0, no cut-off
+    fn = guided(toy, exact)
     euler_ode(fn, torch.zeros(4, 2), make_cond(4), 6)  # Euler never evaluates t = 0
     assert toy.batch_sizes == [8] * 6
     flags = toy.presence[0]
@@ -142,8 +143,12 @@ def test_joint_guidance_is_one_doubled_call_per_step():
         assert flags[m].tolist() == [True] * 4 + [False] * 4  # conditional half, then dropped
     # Heun's last corrector sits at t = 0 where the annealed scale is 0: one plain call.
     toy = ToyVelocity()
-    heun_ode(guided(toy, GuidanceConfig()), torch.zeros(4, 2), make_cond(4), 3)
+    heun_ode(guided(toy, exact), torch.zeros(4, 2), make_cond(4), 3)
     assert toy.batch_sizes == [8, 8, 8, 8, 8, 4]
+    # The default cut-off (w < 0.5, i.e. t < 0.2) also makes Euler's last step (t = 1/6) plain.
+    toy = ToyVelocity()
+    euler_ode(guided(toy, GuidanceConfig()), torch.zeros(4, 2), make_cond(4), 6)
+    assert toy.batch_sizes == [8] * 5 + [4]
 
 
 def test_per_modality_guidance_is_one_call_with_one_slice_per_dropped_modality():
@@ -225,7 +230,8 @@ def test_guidance_uses_the_shared_time_for_its_scale():
 
 def test_sample_applies_guidance_from_the_config():
     toy = ToyVelocity()
-    config = SampleConfig(sampler="sde", num_steps=5, guidance=GuidanceConfig(mode="per_modality"))
+    guidance = GuidanceConfig(mode="per_modality", skip_below=0.0)
+    config = SampleConfig(sampler="sde", num_steps=5, guidance=guidance)
     out = sample(toy, torch.zeros(3, 2), make_cond(3), config)
     assert out.shape == (3, 2)
     assert toy.batch_sizes == [12] * 5  # (1 + 3) * 3 on every step (the SDE never evaluates t = 0)

@@ -600,38 +600,16 @@ def ff_to_ffpe(
 # --------------------------------------------------------------------------------------
 
 
-# H channel of skimage's rgb2hed for 8-bit RGB with every channel >= 1 lies in
-# [0, HEMATOXYLIN_RANGE]: rgb2hed computes OD = log(rgb) / log(1e-6) in [0, log(255) /
-# log(1e6)] per channel and H = max(0, OD . hed_from_rgb[:, 0]).
-def _hematoxylin_range() -> float:
-    from skimage.color import hed_from_rgb
-
-    column = np.asarray(hed_from_rgb)[:, 0]
-    return float(np.log(255.0) / np.log(1e6) * column[column > 0].sum())
-
-
-def _channels_last_uint8(images: Any, name: str) -> np.ndarray:
-    """uint8 (B, 3, H, W) / (3, H, W) -> numpy (B, H, W, 3)."""
-    array = (
-        images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
-    )
-    if array.dtype != np.uint8:
-        raise FFPEError(f"{name} must be uint8 images, got {array.dtype}")
-    if array.ndim == 3:
-        array = array[None]
-    if array.ndim != 4 or array.shape[1] != 3:
-        raise FFPEError(f"{name} must be uint8 (B, 3, H, W) or (3, H, W), got {array.shape}")
-    return np.ascontiguousarray(array.transpose(0, 2, 3, 1))
-
-
 def hematoxylin_channel(images: Any) -> np.ndarray:
     """uint8 RGB (B, 3, H, W) -> the hematoxylin optical density (B, H, W), float64, in
-    [0, HEMATOXYLIN_RANGE] (skimage.color.rgb2hed; 0-valued channels count as 1)."""
-    from skimage.color import rgb2hed
+    [0, stain_range(HEMATOXYLIN)] (`mupad.evaluation.stains`: skimage's rgb2hed, 0-valued
+    channels counted as 1)."""
+    from mupad.evaluation.stains import Stain, StainError, stain_density
 
-    array = _channels_last_uint8(images, "images")
-    rgb = np.maximum(array, 1).astype(np.float64) / 255.0
-    return np.stack([rgb2hed(image)[..., 0] for image in rgb])
+    try:
+        return stain_density(images, Stain.HEMATOXYLIN)
+    except StainError as error:
+        raise FFPEError(str(error)) from None
 
 
 def hematoxylin_ssim(a: Any, b: Any) -> np.ndarray:
@@ -642,12 +620,14 @@ def hematoxylin_ssim(a: Any, b: Any) -> np.ndarray:
     """
     from skimage.metrics import structural_similarity
 
+    from mupad.evaluation.stains import Stain, stain_range
+
     ha, hb = hematoxylin_channel(a), hematoxylin_channel(b)
     if ha.shape != hb.shape:
         raise FFPEError(f"images to compare differ in shape: {ha.shape} vs {hb.shape}")
     if min(ha.shape[1:]) < 7:
         raise FFPEError(f"SSIM needs images of at least 7x7 px, got {ha.shape[1]}x{ha.shape[2]}")
-    data_range = _hematoxylin_range()
+    data_range = stain_range(Stain.HEMATOXYLIN)
     return np.array([structural_similarity(x, y, data_range=data_range) for x, y in zip(ha, hb)])
 
 

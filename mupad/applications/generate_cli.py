@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from mupad.applications.prompts import RECORD_FIELDS
-from mupad.config import GuidanceMode, GuidanceScheduleKind, SamplerKind
+from mupad.config import GuidanceConfig, GuidanceMode, GuidanceScheduleKind, SamplerKind
 
 console = Console(stderr=True)
 
@@ -159,7 +159,7 @@ def _sample_config(
     mode: GuidanceMode, image_scale: float, text_scale: float, rna_scale: float, t_low: float,
     t_high: float, skip_below: float, seed: int,
 ):  # fmt: skip
-    from mupad.config import GuidanceConfig, SampleConfig
+    from mupad.config import SampleConfig
 
     return SampleConfig(
         sampler=sampler,
@@ -249,7 +249,7 @@ def generate(
     rna_scale: Scale = 1.0,
     guidance_t_low: TLow = 0.0,
     guidance_t_high: THigh = 1.0,
-    guidance_skip_below: SkipBelow = 0.0,
+    guidance_skip_below: SkipBelow = GuidanceConfig.skip_below,
     batch_size: BatchSize = None,
     text_encoder: TextEncoder = None,
     image_encoder: ImageEncoder = None,
@@ -392,7 +392,7 @@ def augment(
     rna_scale: Scale = 1.0,
     guidance_t_low: TLow = 0.0,
     guidance_t_high: THigh = 1.0,
-    guidance_skip_below: SkipBelow = 0.0,
+    guidance_skip_below: SkipBelow = GuidanceConfig.skip_below,
     batch_size: BatchSize = None,
     text_encoder: TextEncoder = None,
     image_encoder: ImageEncoder = None,

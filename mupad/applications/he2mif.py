@@ -884,23 +884,25 @@ def _wsi_translator(checkpoint: Path | None, options: Any) -> MIFTranslator:
 # --------------------------------------------------------------------------------------
 
 
+def _correlations(predicted: Any, target: Any, marker_names: Sequence[str] | None = None):
+    """`mupad.evaluation.pcc.patch_correlations`, its errors as MIFError."""
+    from mupad.evaluation.pcc import PCCError, patch_correlations
+
+    try:
+        return patch_correlations(predicted, target, marker_names)
+    except PCCError as error:
+        raise MIFError(str(error)) from None
+
+
 def patch_pcc(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Pearson correlation per patch and marker: (B, K, H, W) x 2 -> (B, K), float64.
 
-    NaN where either map is constant (its correlation is undefined).
+    NaN where either map is constant (its correlation is undefined); computed by
+    `mupad.evaluation.pcc.patch_correlations`.
     """
-    if predicted.shape != target.shape or predicted.dim() != 4:
-        raise MIFError(
-            f"predicted {tuple(predicted.shape)} and true {tuple(target.shape)} maps must both "
-            "be (B, K, H, W)"
-        )
-    a = predicted.double().flatten(2)
-    b = target.double().flatten(2)
-    a = a - a.mean(dim=2, keepdim=True)
-    b = b - b.mean(dim=2, keepdim=True)
-    denominator = a.norm(dim=2) * b.norm(dim=2)
-    pcc = (a * b).sum(dim=2) / denominator
-    return torch.where(denominator > 1e-12, pcc, torch.full_like(pcc, math.nan))
+    correlations = _correlations(predicted, target)
+    values = np.where(correlations.defined, correlations.values, math.nan)
+    return torch.from_numpy(values)
 
 
 def mean_patch_pcc(
@@ -909,23 +911,21 @@ def mean_patch_pcc(
     """Per-marker mean patch PCC (patches with a constant map skipped) and its marker mean.
 
     {"per_marker": {name: pcc}, "mean": mean over markers, "num_patches": B,
-     "num_undefined": {name: patches skipped}}.
+     "num_undefined": {name: patches skipped}}; NaN for a marker constant in every patch.
+    Bootstrap intervals and the slide level: `mupad.evaluation.pcc.marker_correlation`.
     """
     names = check_marker_names(marker_names)
-    pcc = patch_pcc(predicted, target)  # (B, K)
-    if pcc.shape[1] != len(names):
-        raise MIFError(f"{pcc.shape[1]} marker channels but {len(names)} marker names")
-    defined = ~torch.isnan(pcc)
-    per_marker = {}
-    for k, name in enumerate(names):
-        values = pcc[defined[:, k], k]
-        per_marker[name] = float(values.mean()) if len(values) else math.nan
+    correlations = _correlations(predicted, target, names)
+    per_marker = {
+        name: math.nan if value is None else value
+        for name, value in correlations.marker_means().items()
+    }
     finite = [v for v in per_marker.values() if not math.isnan(v)]
     return {
         "per_marker": per_marker,
         "mean": float(np.mean(finite)) if finite else math.nan,
-        "num_patches": int(pcc.shape[0]),
-        "num_undefined": {name: int((~defined[:, k]).sum()) for k, name in enumerate(names)},
+        "num_patches": int(correlations.values.shape[0]),
+        "num_undefined": correlations.num_undefined(),
     }
 
 
