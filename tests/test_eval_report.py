@@ -73,3 +73,13 @@ def test_bootstrap_interval_brackets_the_value_and_is_deterministic():
         bootstrap(lambda a, b: 0.0, sample, sample[:10], paired=True)
     with pytest.raises(EvaluationError, match="not finite"):
         bootstrap(lambda x: float("nan") if len(set(x.tolist())) < 200 else 0.0, sample)
+
+
+def test_normal_bootstrap_interval_is_centred_on_the_value():
+    import numpy as np
+
+    sample = np.random.default_rng(2).normal(size=(100,))
+    normal = bootstrap(lambda x: float(x.mean()), sample, iterations=40, interval="normal")
+    assert normal.value - normal.ci_low == pytest.approx(normal.ci_high - normal.value)
+    # About the textbook standard error 1/sqrt(100) = 0.1: the 95 % half-width ~0.2.
+    assert 0.12 < normal.ci_high - normal.value < 0.3
