@@ -67,9 +67,11 @@ _mount_subcommands()
 def _mount_generation_commands() -> None:
     """`mupad generate` and `mupad augment` (mupad.applications.generate_cli)."""
     from mupad.applications.generate_cli import augment, generate
+    from mupad.serve.cli import serve
 
     app.command("generate")(generate)
     app.command("augment")(augment)
+    app.command("serve")(serve)
 
 
 _mount_generation_commands()
@@ -87,7 +89,9 @@ def demo(
     out: Annotated[Path, typer.Option(help="Output folder")] = Path("runs/demo"),
     steps: Annotated[int, typer.Option(help="Training steps")] = _DEMO.steps,
     batch_size: Annotated[int, typer.Option(help="Crops per step")] = _DEMO.batch_size,
-    sample_steps: Annotated[int, typer.Option(help="Sampler steps for the grids")] = _DEMO.sample_steps,
+    sample_steps: Annotated[
+        int, typer.Option(help="Sampler steps for the grids")
+    ] = _DEMO.sample_steps,
     seed: int = _DEMO.seed,
 ) -> None:
     """Train a small text-conditioned model on the bundled H&E tiles and write a report."""
@@ -109,7 +113,9 @@ def train(
         Path | None,
         typer.Option(help="Shard folder written by `mupad prepare` (cached latents and tokens)"),
     ] = None,
-    preset: Annotated[str, typer.Option(help="Model preset: " + ", ".join(model_preset_names()))] = "S/4",
+    preset: Annotated[
+        str, typer.Option(help="Model preset: " + ", ".join(model_preset_names()))
+    ] = "S/4",
     crop: Annotated[int, typer.Option(help="Training crop size in pixels")] = 64,
     latents: Annotated[
         str, typer.Option(help="'identity' (pixel space) or a local AutoencoderKL folder")
@@ -127,9 +133,13 @@ def train(
     ] = None,
     objective: Annotated[
         Objective,
-        typer.Option(help="sit: velocity only; repa: + MLP alignment; mupad: + CNN alignment + CLS"),
+        typer.Option(
+            help="sit: velocity only; repa: + MLP alignment; mupad: + CNN alignment + CLS"
+        ),
     ] = Objective.SIT,
-    teacher: Annotated[str, typer.Option(help="Alignment teacher (image encoder name)")] = "inception",
+    teacher: Annotated[
+        str, typer.Option(help="Alignment teacher (image encoder name)")
+    ] = "inception",
     teacher_source: Annotated[
         TeacherSource, typer.Option(help="cached: shard features; online: encode each image")
     ] = TeacherSource.CACHED,
@@ -266,7 +276,9 @@ def ablate(
     arms: Annotated[
         str, typer.Option(help="objectives (sit, repa, mupad), attention (decoupled, shared), all")
     ] = "objectives",
-    preset: Annotated[str, typer.Option(help="Model preset: " + ", ".join(model_preset_names()))] = "S/4",
+    preset: Annotated[
+        str, typer.Option(help="Model preset: " + ", ".join(model_preset_names()))
+    ] = "S/4",
     steps: Annotated[int, typer.Option(help="Training steps of every arm")] = 10_000,
     eval_every: Annotated[int, typer.Option(help="Score every arm every N steps")] = 1000,
     eval_records: Annotated[int, typer.Option(help="Held-out records scored")] = 256,
@@ -279,7 +291,9 @@ def ablate(
             "default: every condition the shards hold"
         ),
     ] = None,
-    teacher: Annotated[str, typer.Option(help="Alignment teacher (image encoder name)")] = "inception",
+    teacher: Annotated[
+        str, typer.Option(help="Alignment teacher (image encoder name)")
+    ] = "inception",
     teacher_source: Annotated[
         TeacherSource, typer.Option(help="cached: shard features; online: encode each image")
     ] = TeacherSource.CACHED,

@@ -128,7 +128,7 @@ Conditions = Annotated[
 ]
 
 
-def _errors() -> tuple[type[BaseException], ...]:
+def input_errors() -> tuple[type[BaseException], ...]:
     """Input errors reported as one red line (exit code 2) instead of a traceback."""
     from mupad.applications.batch_generate import RegenerationError
     from mupad.applications.prompts import PromptError
@@ -149,7 +149,7 @@ def _errors() -> tuple[type[BaseException], ...]:
     )  # fmt: skip
 
 
-def _fail(error: BaseException) -> typer.Exit:
+def fail(error: BaseException) -> typer.Exit:
     console.print(f"[red]error[/red]: {escape(str(error))}", soft_wrap=True)
     return typer.Exit(code=2)
 
@@ -284,7 +284,7 @@ def generate(
         "id": record_id,
     }  # fmt: skip
     given = [f"--{k.replace('_', '-')}" for k, v in single.items() if v is not None]
-    errors = _errors()
+    errors = input_errors()
     try:
         if from_sidecar is not None:
             if prompts is not None or given:
@@ -334,7 +334,7 @@ def generate(
             modalities=modalities, overwrite=overwrite, progress=progress,
         )  # fmt: skip
     except errors as error:
-        raise _fail(error) from None
+        raise fail(error) from None
     console.print(
         f"[green]wrote[/green] {len(report.written)} image(s) + sidecar JSONs to {out} "
         f"({report.records} record(s); {len(report.skipped)} already there, skipped)",
@@ -411,7 +411,7 @@ def augment(
     """
     import json
 
-    errors = _errors()
+    errors = input_errors()
     try:
         from mupad.applications.augment import augment_folder
         from mupad.applications.generation_model import GenerationModel
@@ -444,7 +444,7 @@ def augment(
             modalities=modalities or (), overwrite=overwrite, progress=progress,
         )  # fmt: skip
     except errors as error:
-        raise _fail(error) from None
+        raise fail(error) from None
     report = result.report
     console.print(
         f"[green]wrote[/green] {len(report.written)} synthetic image(s) for {report.records} real "
