@@ -59,7 +59,7 @@ from mupad.models.kv_cache import condition_kv_cache
 from mupad.transport.guidance import GuidanceSchedule
 from mupad.transport.samplers import sample
 
-GUIDANCE = GuidanceConfig(schedule="linear", start=2.5, end=0.0)
+GUIDANCE = GuidanceConfig(schedule="linear", start=2.5, end=0.0, skip_below=0.0)  # exact anneal
 NO_GUIDANCE = GuidanceConfig(schedule="linear", start=0.0, end=0.0)  # guided() is a no-op
 
 

@@ -47,6 +47,7 @@ def _mount_subcommands() -> None:
     from mupad.applications.staining_cli import staining_app
     from mupad.applications.wsi_cli import wsi_app
     from mupad.data.prepare_cli import prepare
+    from mupad.evaluation.cli import evaluate_app
     from mupad.omics.cli import omics_app
     from mupad.omics.st_cli import st_app
     from mupad.vae.cli import vae_app
@@ -59,6 +60,7 @@ def _mount_subcommands() -> None:
     app.add_typer(mif_app, name="mif")
     app.add_typer(ffpe_app, name="ffpe")
     app.add_typer(staining_app, name="staining")
+    app.add_typer(evaluate_app, name="evaluate")
 
 
 _mount_subcommands()
