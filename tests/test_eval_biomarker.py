@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import typer
 from PIL import Image
 from skimage.color import rgb2hed
 from typer.testing import CliRunner
@@ -25,7 +24,7 @@ from mupad.evaluation.biomarker import (
     roc_curve,
     youden_point,
 )
-from mupad.evaluation.biomarker_cli import register
+from mupad.evaluation.cli import evaluate_app
 from mupad.evaluation.images import read_rgb
 from mupad.evaluation.stains import Stain, stain_density, stain_range, tissue_mask
 from mupad.evaluation.stats import EvaluationError
@@ -202,17 +201,6 @@ def test_dab_fraction_of_real_ihc_exceeds_mostly_counterstained_sections() -> No
 # --------------------------------------------------------------------------------------
 
 
-def evaluate_app() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def _group() -> None:
-        """The `mupad evaluate` group."""
-
-    register(app)
-    return app
-
-
 def test_cli_writes_metrics_roc_and_report(tmp_path: Path) -> None:
     folder = tmp_path / "ihc"
     folder.mkdir()
@@ -224,7 +212,7 @@ def test_cli_writes_metrics_roc_and_report(tmp_path: Path) -> None:
     labels.write_text("image,label\n" + "\n".join([*rows, "e1.png,2+"]) + "\n")
     out = tmp_path / "out"
     args = ["biomarker", str(folder), "--labels", str(labels), "--out", str(out)]
-    result = CliRunner().invoke(evaluate_app(), [*args, "--exclude-equivocal", "--bootstrap", "50"])
+    result = CliRunner().invoke(evaluate_app, [*args, "--exclude-equivocal", "--bootstrap", "50"])
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())["sections"]["Biomarker AUC"]
     # positives 0.6, 0.4, 0.3 vs negatives 0.05, 0, 0.35: 8 of 9 pairs ranked right
@@ -233,12 +221,12 @@ def test_cli_writes_metrics_roc_and_report(tmp_path: Path) -> None:
     assert len(metrics["table"]) == 7
     assert (out / "report.html").is_file() and (out / "roc.png").is_file()
 
-    failed = CliRunner().invoke(evaluate_app(), args)  # equivocal present, not excluded
+    failed = CliRunner().invoke(evaluate_app, args)  # equivocal present, not excluded
     assert failed.exit_code == 2 and "equivocal" in failed.output
     labels.write_text("image,label\np1,positive\n")
-    failed = CliRunner().invoke(evaluate_app(), args)
+    failed = CliRunner().invoke(evaluate_app, args)
     assert failed.exit_code == 2 and "have no label" in failed.output
     empty = tmp_path / "empty"
     empty.mkdir()
-    failed = CliRunner().invoke(evaluate_app(), ["biomarker", str(empty), *args[2:]])
+    failed = CliRunner().invoke(evaluate_app, ["biomarker", str(empty), *args[2:]])
     assert failed.exit_code == 2 and "no IHC images" in failed.output

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import typer
 from PIL import Image
 from skimage.measure import label
 from typer.testing import CliRunner
@@ -29,7 +28,7 @@ from mupad.evaluation.celltypes import (
     proportion_wasserstein,
     register_cell_type_model,
 )
-from mupad.evaluation.celltypes_cli import register
+from mupad.evaluation.cli import evaluate_app
 from mupad.evaluation.images import read_rgb
 from mupad.evaluation.stats import EvaluationError
 
@@ -230,17 +229,6 @@ def test_lymphocyte_tiles_hold_more_lymphocyte_like_nuclei_than_adipose_tiles() 
 # --------------------------------------------------------------------------------------
 
 
-def evaluate_app() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def _group() -> None:
-        """The `mupad evaluate` group."""
-
-    register(app)
-    return app
-
-
 def write_set(folder: Path, radius: float, count: int) -> None:
     folder.mkdir(parents=True)
     for i in range(count):
@@ -255,7 +243,7 @@ def test_cli_writes_metrics_and_report(tmp_path: Path) -> None:
     out = tmp_path / "out"
     args = ["celltypes", str(tmp_path / "generated"), "--real", str(tmp_path / "real")]
     result = CliRunner().invoke(
-        evaluate_app(), [*args, "--mpp", "0.5", "--out", str(out), "--bootstrap", "30"]
+        evaluate_app, [*args, "--mpp", "0.5", "--out", str(out), "--bootstrap", "30"]
     )
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
@@ -269,7 +257,7 @@ def test_cli_writes_metrics_and_report(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     failed = CliRunner().invoke(
-        evaluate_app(),
+        evaluate_app,
         ["celltypes", str(empty), "--real", str(tmp_path / "real"), "--out", str(out)],
     )
     assert failed.exit_code == 2 and "no generated images" in failed.output

@@ -15,11 +15,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import typer
 from PIL import Image
 from typer.testing import CliRunner
 
 from mupad.data.tiles import bundled_kather_dir
+from mupad.evaluation.cli import evaluate_app
 from mupad.evaluation.fewshot import (
     Arm,
     FewShotConfig,
@@ -35,7 +35,6 @@ from mupad.evaluation.fewshot import (
     synthetic_for_shots,
     train_classifier,
 )
-from mupad.evaluation.fewshot_cli import register
 from mupad.evaluation.images import load_image_set
 from mupad.evaluation.resnet import CompactResNet18, classifier_backend, resnet18
 from mupad.evaluation.stats import EvaluationError
@@ -273,17 +272,6 @@ def test_benchmark_runs_end_to_end_on_the_kather_tiles(data):
     json.dumps(result.to_dict(), allow_nan=False)
 
 
-def _cli() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def evaluate() -> None:
-        """The `mupad evaluate` group."""
-
-    register(app)
-    return app
-
-
 def test_cli_writes_metrics_report_and_figure(tmp_path, augmented):
     out = tmp_path / "out"
     args = [
@@ -291,7 +279,7 @@ def test_cli_writes_metrics_report_and_figure(tmp_path, augmented):
         "--seeds", "1", "--epochs", "1", "--size", str(SIZE), "--batch-size", "8",
         "--out", str(out), "--no-progress",
     ]  # fmt: skip
-    result = CliRunner().invoke(_cli(), args)
+    result = CliRunner().invoke(evaluate_app, args)
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
     section = metrics["sections"]["Few-shot accuracy"]
@@ -301,7 +289,7 @@ def test_cli_writes_metrics_report_and_figure(tmp_path, augmented):
     assert (out / "accuracy.png").is_file() and "accuracy.png" in (out / "report.html").read_text()
     assert len(json.loads((out / "fewshot.json").read_text())["runs"]) == 2
     bad = CliRunner().invoke(
-        _cli(), ["fewshot", "--train", str(KATHER), "--out", str(out), "--shots", "20"]
+        evaluate_app, ["fewshot", "--train", str(KATHER), "--out", str(out), "--shots", "20"]
     )
     assert bad.exit_code == 2 and "fewer than k=20" in bad.output
 

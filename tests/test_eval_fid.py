@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-import typer
 from PIL import Image
 from typer.testing import CliRunner
 
 from mupad.conditioning.base import EncoderError
+from mupad.evaluation.cli import evaluate_app
 from mupad.evaluation.features import (
     COLOUR_EXTRACTOR,
     cached_features,
@@ -35,7 +35,6 @@ from mupad.evaluation.fid import (
     uniform_noise_images,
 )
 from mupad.evaluation.images import ImageSet, load_image_set
-from mupad.evaluation.images_cli import register
 from mupad.evaluation.stats import EvaluationError
 
 KATHER = Path(__file__).resolve().parents[2] / "shared" / "data" / "kather2016_crc_texture_samples"
@@ -387,20 +386,9 @@ def test_real_halves_are_closer_than_noise_and_blurred(kather_inception_features
 # --------------------------------------------------------------------------------------
 
 
-def evaluate_app() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def evaluate() -> None:
-        """The `mupad evaluate` group."""
-
-    register(app)
-    return app
-
-
 def run_cli(*args: str) -> tuple[int, str]:
     """Exit code and the output with rich's line wrapping undone."""
-    result = CliRunner().invoke(evaluate_app(), ["images", *map(str, args)])
+    result = CliRunner().invoke(evaluate_app, ["images", *map(str, args)])
     return result.exit_code, " ".join(result.output.split())
 
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-import typer
 from typer.testing import CliRunner
 
 from mupad.applications.he2mif import mean_patch_pcc, patch_pcc, write_mif_tiff
-from mupad.evaluation.mif_cli import register, slide_ids
+from mupad.evaluation.cli import evaluate_app
+from mupad.evaluation.mif_cli import slide_ids
 from mupad.evaluation.pcc import (
     PCCError,
     marker_correlation,
@@ -249,17 +249,6 @@ def test_bad_inputs_raise_evaluation_errors() -> None:
 # --------------------------------------------------------------------------------------
 
 
-def evaluate_app() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def _group() -> None:
-        """The `mupad evaluate` group."""
-
-    register(app)
-    return app
-
-
 def write_folders(tmp_path: Path) -> tuple[Path, Path, Path]:
     """Real uint16 stacks in the `mif train --data` layout; a good and a noisy method."""
     rng = np.random.default_rng(0)
@@ -287,7 +276,7 @@ def test_cli_writes_metrics_report_and_figure(tmp_path: Path) -> None:
     out = tmp_path / "out"
     args = ["mif", str(good), str(real_root), "--markers", ",".join(MARKERS), "--out", str(out)]
     result = CliRunner().invoke(
-        evaluate_app(),
+        evaluate_app,
         [*args, "--compare", str(noisy), "--slide-pattern", r"^(\w)_x", "--bootstrap", "50"],
     )
     assert result.exit_code == 0, result.output
@@ -305,7 +294,7 @@ def test_cli_writes_metrics_report_and_figure(tmp_path: Path) -> None:
 
 def test_cli_rejects_bad_folders(tmp_path: Path) -> None:
     real_root, good, _ = write_folders(tmp_path)
-    app, runner = evaluate_app(), CliRunner()
+    app, runner = evaluate_app, CliRunner()
     empty = tmp_path / "empty"
     empty.mkdir()
     result = runner.invoke(

@@ -13,11 +13,11 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-import typer
 from typer.testing import CliRunner
 
 from mupad.applications.demo import KATHER_CAPTIONS
 from mupad.data.tiles import bundled_kather_dir
+from mupad.evaluation.cli import evaluate_app
 from mupad.evaluation.images import load_image_set
 from mupad.evaluation.retrieval import (
     DualEncoder,
@@ -32,7 +32,6 @@ from mupad.evaluation.retrieval import (
     run_retrieval,
     symmetric_info_nce,
 )
-from mupad.evaluation.retrieval_cli import register
 from mupad.evaluation.similarity import JointImageTextEmbedder, text_image_similarity
 from mupad.evaluation.stats import EvaluationError
 
@@ -256,17 +255,6 @@ def test_dual_encoder_round_trip_and_joint_embedder_protocol(kather, tmp_path):
     assert len(result.per_pair) == 2
 
 
-def _cli() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def evaluate() -> None:
-        """The `mupad evaluate` group."""
-
-    register(app)
-    return app
-
-
 def test_cli_writes_metrics_report_figure_and_model(kather, tmp_path):
     train_csv, test_csv = kather["csv"]
     out = tmp_path / "out"
@@ -274,12 +262,14 @@ def test_cli_writes_metrics_report_figure_and_model(kather, tmp_path):
         "retrieval", "--train", str(train_csv), "--test", str(test_csv), "--out", str(out),
         "--input-size", str(INPUT_SIZE), "--cache-dir", str(kather["cache"]), "--no-progress",
     ]  # fmt: skip
-    result = CliRunner().invoke(_cli(), [*common, "--k", "1,5", "--steps", "5"])
+    result = CliRunner().invoke(evaluate_app, [*common, "--k", "1,5", "--steps", "5"])
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())["sections"]["Retrieval"]["metrics"]
     assert {"image_to_text_R@5_after", "text_to_image_R@1_chance"} <= set(metrics)
     assert (out / "recall.png").is_file() and (out / "dual_encoder" / "heads.safetensors").is_file()
-    too_large = CliRunner().invoke(_cli(), common)  # default K = 10,50 > 8 distinct captions
+    too_large = CliRunner().invoke(evaluate_app, common)  # default K = 10,50 > 8 distinct captions
     assert too_large.exit_code == 2 and "Recall@10 needs more than 8 candidates" in too_large.output
-    overlap = CliRunner().invoke(_cli(), [*common[:4], str(train_csv), *common[5:], "--k", "1"])
+    overlap = CliRunner().invoke(
+        evaluate_app, [*common[:4], str(train_csv), *common[5:], "--k", "1"]
+    )
     assert overlap.exit_code == 2 and "both the training and the test pairs" in overlap.output

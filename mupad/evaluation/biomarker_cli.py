@@ -20,7 +20,6 @@ from typing import Annotated
 
 import pandas as pd
 import typer
-from rich.console import Console
 
 from mupad.evaluation.biomarker import (
     DEFAULT_DAB_THRESHOLD,
@@ -31,18 +30,12 @@ from mupad.evaluation.biomarker import (
     match_labels,
     read_labels,
 )
+from mupad.evaluation.cli_support import console, fail
 from mupad.evaluation.images import image_files, read_rgb
 from mupad.evaluation.report import ReportSection, write_evaluation
 from mupad.evaluation.stats import EvaluationError
 
-console = Console(stderr=True)
-
 FIGURE = "roc.png"
-
-
-def _fail(exc: Exception) -> typer.Exit:
-    console.print(f"[red]error[/red]: {exc}")
-    return typer.Exit(2)
 
 
 def score_folder(
@@ -159,7 +152,7 @@ def evaluate_biomarker(
             out, "Biomarker AUC from virtual IHC", [section], config
         )
     except EvaluationError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     console.print(f"AUC: {result.auc}")
     console.print(f"[green]wrote[/green] {metrics_path} and {report_path}")
     typer.echo(json.dumps({"out": str(out), **result.to_dict()}))

@@ -20,7 +20,6 @@ from typing import Annotated
 import numpy as np
 import pandas as pd
 import typer
-from rich.console import Console
 
 from mupad.evaluation.celltypes import (
     DEFAULT_MODEL,
@@ -32,18 +31,12 @@ from mupad.evaluation.celltypes import (
     config_dict,
     profile_images,
 )
+from mupad.evaluation.cli_support import console, fail
 from mupad.evaluation.images import image_files, read_rgb
 from mupad.evaluation.report import ReportSection, write_evaluation
 from mupad.evaluation.stats import EvaluationError
 
-console = Console(stderr=True)
-
 FIGURE = "celltype_proportions.png"
-
-
-def _fail(exc: Exception) -> typer.Exit:
-    console.print(f"[red]error[/red]: {exc}")
-    return typer.Exit(2)
 
 
 def profile_folder(folder: Path, model: CellTypeModel, what: str) -> CellTypeProfile:
@@ -159,7 +152,7 @@ def evaluate_celltypes(
         }  # fmt: skip
         metrics_path, report_path = write_evaluation(out, "Cell-type fidelity", [section], config)
     except EvaluationError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     for t in comparison.cell_types:
         console.print(f"Wasserstein {t}: {comparison.wasserstein[t]}")
     console.print(f"[green]wrote[/green] {metrics_path} and {report_path}")

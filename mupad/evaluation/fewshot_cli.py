@@ -24,8 +24,8 @@ from typing import Annotated
 import numpy as np
 import pandas as pd
 import typer
-from rich.console import Console
 
+from mupad.evaluation.cli_support import console, fail, parse_int_list
 from mupad.evaluation.fewshot import (
     FewShotConfig,
     FewShotResult,
@@ -37,28 +37,8 @@ from mupad.evaluation.report import ReportSection, write_evaluation
 from mupad.evaluation.stats import EvaluationError
 from mupad.fileio import atomic_write_text
 
-console = Console(stderr=True)
-
 ACCURACY_FIGURE = "accuracy.png"
 RESULT_NAME = "fewshot.json"  # every run, with per-class accuracies and the shot files
-
-
-def _fail(exc: Exception) -> typer.Exit:
-    console.print(f"[red]error[/red]: {exc}")
-    return typer.Exit(2)
-
-
-def parse_int_list(text: str, option: str) -> tuple[int, ...]:
-    """'5,10' -> (5, 10); anything else is a BadParameter naming `option`."""
-    try:
-        values = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise typer.BadParameter(
-            f"{option} must be comma-separated integers, got {text!r}"
-        ) from None
-    if not values:
-        raise typer.BadParameter(f"{option} needs at least one value")
-    return values
 
 
 def _accuracy_figure(result: FewShotResult, out: Path) -> Path:
@@ -209,7 +189,7 @@ def evaluate_fewshot(
         )
         atomic_write_text(out / RESULT_NAME, json.dumps(result.to_dict(), indent=2) + "\n")
     except EvaluationError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     for summary in result.summaries:
         console.print(
             f"k={summary.shots} {summary.arm.value}: {summary.mean:.3f} ± {summary.std:.3f}"
@@ -223,4 +203,4 @@ def register(app: typer.Typer) -> None:
     app.command("fewshot")(evaluate_fewshot)
 
 
-__all__ = ["evaluate_fewshot", "parse_int_list", "register"]
+__all__ = ["evaluate_fewshot", "register"]

@@ -26,10 +26,10 @@ from typing import Annotated, Any
 import numpy as np
 import pandas as pd
 import typer
-from rich.console import Console
 from rich.markup import escape
 
 from mupad.conditioning.base import EncoderError
+from mupad.evaluation.cli_support import console, fail
 from mupad.evaluation.features import (
     DEFAULT_EXTRACTOR,
     FeatureExtractor,
@@ -52,15 +52,8 @@ from mupad.evaluation.report import ReportSection, write_evaluation
 from mupad.evaluation.similarity import PairBy, image_image_similarity, pair_image_files
 from mupad.evaluation.stats import Estimate, EvaluationError
 
-console = Console(stderr=True)
-
 SAMPLES_FIGURE = "samples.png"
 GRID_TILES = 8  # tiles per row of the sample figure
-
-
-def _fail(exc: Exception) -> typer.Exit:
-    console.print(f"[red]error[/red]: {escape(str(exc))}")
-    return typer.Exit(2)
 
 
 def _check_same_size(generated: ImageSet, real: ImageSet) -> None:
@@ -314,7 +307,7 @@ def evaluate_images(
             out, "Generated image quality (FID / KID)", sections, config
         )
     except (EvaluationError, EncoderError) as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     for name, value in distances.items():
         console.print(f"{name.upper()}: {escape(str(value))}")
     console.print(f"[green]wrote[/green] {metrics_path} and {report_path}")

@@ -33,8 +33,8 @@ from typing import Annotated, Any
 import numpy as np
 import pandas as pd
 import typer
-from rich.console import Console
 
+from mupad.evaluation.cli_support import console, fail
 from mupad.evaluation.pcc import (
     DEFAULT_BOOTSTRAP_ITERATIONS,
     MIN_PATCHES_PER_SLIDE,
@@ -49,14 +49,7 @@ from mupad.evaluation.pcc import (
 from mupad.evaluation.report import ReportSection, write_evaluation
 from mupad.evaluation.stats import Estimate, EvaluationError
 
-console = Console(stderr=True)
-
 FIGURE = "pcc_per_marker.png"
-
-
-def _fail(exc: Exception) -> typer.Exit:
-    console.print(f"[red]error[/red]: {exc}")
-    return typer.Exit(2)
 
 
 @dataclass(frozen=True)
@@ -367,7 +360,7 @@ def evaluate_mif(
             out, "mIF marker correlation", sections, config
         )
     except (EvaluationError, MIFError) as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     console.print(f"mean patch PCC: {report.patch_mean}; slide: {report.slide_mean}")
     console.print(f"[green]wrote[/green] {metrics_path} and {report_path}")
     summary: dict[str, Any] = {"out": str(out), **report.to_dict()}

@@ -25,12 +25,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from mupad.conditioning.base import EncoderError
 from mupad.data.prepare_sources import PrepareError, load_captions
+from mupad.evaluation.cli_support import console, fail, parse_int_list
 from mupad.evaluation.features import DEFAULT_EXTRACTOR, default_cache_dir
-from mupad.evaluation.fewshot_cli import parse_int_list
 from mupad.evaluation.report import ReportSection, write_evaluation
 from mupad.evaluation.retrieval import (
     DIRECTIONS,
@@ -48,15 +47,8 @@ from mupad.evaluation.retrieval import (
 )
 from mupad.evaluation.stats import EvaluationError
 
-console = Console(stderr=True)
-
 RECALL_FIGURE = "recall.png"
 MODEL_FOLDER = "dual_encoder"
-
-
-def _fail(exc: Exception) -> typer.Exit:
-    console.print(f"[red]error[/red]: {exc}")
-    return typer.Exit(2)
 
 
 def _pairs(source: Path, captions: Path | None) -> PairSet:
@@ -240,7 +232,7 @@ def evaluate_retrieval(
             settings,
         )
     except (EvaluationError, EncoderError) as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     for direction in DIRECTIONS:
         for value in ks:
             console.print(

@@ -1,0 +1,29 @@
+"""What every `mupad evaluate` command shares: the stderr console, how an input error ends
+the command (one red line, exit code 2), and comma-separated integer options."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+console = Console(stderr=True)
+
+
+def fail(exc: Exception) -> typer.Exit:
+    """Report `exc` as one red line; raise the returned Exit (exit code 2)."""
+    console.print(f"[red]error[/red]: {escape(str(exc))}")
+    return typer.Exit(2)
+
+
+def parse_int_list(text: str, option: str) -> tuple[int, ...]:
+    """'5,10' -> (5, 10); anything else is a BadParameter naming `option`."""
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise typer.BadParameter(
+            f"{option} must be comma-separated integers, got {text!r}"
+        ) from None
+    if not values:
+        raise typer.BadParameter(f"{option} needs at least one value")
+    return values
