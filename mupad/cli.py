@@ -177,6 +177,13 @@ def train(
     sample_every: Annotated[
         int, typer.Option(help="Write a sample grid every N steps (shards; 0: never)")
     ] = 0,
+    dihedral: Annotated[
+        bool,
+        typer.Option(
+            help="Shards: random flips/quarter turns of each tile (pixel space; tile folders "
+            "always use them)"
+        ),
+    ] = False,
     seed: int = 0,
 ) -> None:
     """Train on a labelled tile folder (class name -> caption) or on prepared shards.
@@ -236,6 +243,7 @@ def train(
                 text_encoder=text_encoder,
                 modalities=_parse_conditions(conditions),
                 dist=dist,
+                dihedral=dihedral,
             ).result
         else:
             from mupad.applications.train_tiles import train_on_tile_folder

@@ -64,6 +64,7 @@ from mupad.config import (
     parse_enum,
     to_dict,
 )
+from mupad.data.dihedral import apply_dihedral, draw_dihedral
 from mupad.fileio import atomic_write_text
 from mupad.latents import IdentityCodec, LatentCodec, load_codec
 from mupad.models.sit import SiT
@@ -343,13 +344,6 @@ class MIFTrainingData:
         return self.target.shape[0]
 
 
-def _dihedral(x: torch.Tensor, flip: bool, turns: int, dims: tuple[int, int]) -> torch.Tensor:
-    """Flip along dims[1], then rotate by `turns` quarter turns in the plane `dims`."""
-    if flip:
-        x = x.flip(dims[1])
-    return torch.rot90(x, turns, dims=dims) if turns else x
-
-
 class MIFBatches:
     """`batch_fn(step, generator)`: random pairs, one random dihedral transform per pair.
 
@@ -385,20 +379,13 @@ class MIFBatches:
         target, context = data.target[rows], data.context[rows]
         tokens = data.tokens[rows].float() if data.tokens is not None else None
         if self.augment:
-            flips = torch.randint(2, (size,), generator=generator).tolist()
-            turns = torch.randint(self.turns_allowed, (size,), generator=generator).tolist()
-            targets, contexts, grids = [], [], []
-            for i in range(size):
-                targets.append(_dihedral(target[i], bool(flips[i]), turns[i], (-2, -1)))
-                contexts.append(_dihedral(context[i], bool(flips[i]), turns[i], (-2, -1)))
-                if tokens is not None and data.token_grid is not None:
-                    gh, gw = data.token_grid
-                    grid = tokens[i, 1:].view(gh, gw, -1)  # (gh, gw, D)
-                    grid = _dihedral(grid, bool(flips[i]), turns[i], (0, 1))
-                    grids.append(torch.cat([tokens[i, :1], grid.reshape(gh * gw, -1)]))
-            target, context = torch.stack(targets), torch.stack(contexts)
-            if grids:
-                tokens = torch.stack(grids)
+            draw = draw_dihedral(size, generator, self.turns_allowed)
+            target, context = apply_dihedral(target, draw), apply_dihedral(context, draw)
+            if tokens is not None and data.token_grid is not None:
+                gh, gw = data.token_grid
+                grid = tokens[:, 1:].reshape(size, gh, gw, -1)  # (B, gh, gw, D)
+                grid = apply_dihedral(grid, draw, dims=(1, 2)).reshape(size, gh * gw, -1)
+                tokens = torch.cat([tokens[:, :1], grid], dim=1)
         cond = (
             Conditions.build(image=ConditionStream.from_tokens(tokens))
             if tokens is not None

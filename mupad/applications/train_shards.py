@@ -147,6 +147,7 @@ def train_on_shards(
     text_encoder: str | None = None,
     modalities: Sequence[str] | None = None,
     dist: DistContext | None = None,
+    dihedral: bool = False,
     preview_images: int = 8,
     progress: bool = True,
 ) -> ShardRun:
@@ -155,7 +156,8 @@ def train_on_shards(
     `latents` / `text_encoder` name the VAE and text encoder the shards were prepared with;
     they are stored in the checkpoint metadata so samples can be decoded and prompted later.
     `modalities` picks the condition streams (e.g. ["text"]; [] trains unconditionally);
-    None uses every condition the shards hold.
+    None uses every condition the shards hold. `dihedral` gives each tile a random flip /
+    quarter turn (with its teacher grid; see `ShardBatches`).
     Under torchrun pass `dist=distributed.from_environment()`: every process reads the
     step's whole global batch (cheap with cached latents and tokens) and trains on its rows,
     so data order and noise are the same for any number of processes.
@@ -181,6 +183,7 @@ def train_on_shards(
         rna_key=fields["rna"],
         teacher_key=teacher_key,
         pixels_key=pixels_key,
+        dihedral=dihedral,
     )
     trainer_device = dist.device if dist is not None else torch.device("cpu")
     teacher_online = online_teacher(alignment, trainer_device)
@@ -206,6 +209,7 @@ def train_on_shards(
         else prepared.get("tile_mpp"),
         "objective": alignment.objective.value,
         "conditions": sorted(m for m, f in fields.items() if f),
+        "dihedral": dihedral,
     }
     sample_hook = None
     if train_config.sample_every:

@@ -33,6 +33,7 @@ refuses).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -45,6 +46,7 @@ import torch
 from safetensors import safe_open
 
 from mupad.conditions import Conditions, ConditionStream
+from mupad.data.dihedral import apply_dihedral, draw_dihedral
 from mupad.data.shards import ShardError, read_index, read_shard_records, stack_records
 from mupad.training.loop import TrainBatch
 from mupad.training.teacher import split_tokens
@@ -270,6 +272,7 @@ class ShardBatches:
         rna_as_pathway_tokens: bool = True,
         teacher_key: str | None = None,
         pixels_key: str | None = None,
+        dihedral: bool = False,
         prefetch: bool = True,
     ) -> None:
         if batch_size < 1:
@@ -300,6 +303,7 @@ class ShardBatches:
                     + ("--image-encoder NAME" if role == "teacher" else "--keep-pixels")
                 )
         self.teacher_key, self.pixels_key = teacher_key, pixels_key
+        self.dihedral = dihedral
         self.prefetch = prefetch
         self._pending: tuple[int, Future[list[dict[str, Any]]]] | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -388,12 +392,22 @@ class ShardBatches:
 
     def __call__(self, step: int, generator: torch.Generator) -> TrainBatch:
         batch = stack_records(self._fetch(step))
-        return TrainBatch(
-            x0=self._x0(batch, generator),
-            cond=self._conditions(batch),
-            teacher=split_tokens(batch[self.teacher_key]) if self.teacher_key else None,
-            pixels=self._pixels(batch[self.pixels_key]) if self.pixels_key else None,
-        )
+        x0 = self._x0(batch, generator)
+        teacher = split_tokens(batch[self.teacher_key]) if self.teacher_key else None
+        pixels = self._pixels(batch[self.pixels_key]) if self.pixels_key else None
+        if self.dihedral:
+            # One flip/turn per sample for the target, its pixels and the teacher's grid, so
+            # the alignment loss still matches co-located patches. Conditions stay as they
+            # are: they describe the tile, not its orientation.
+            draw = draw_dihedral(x0.shape[0], generator)
+            x0 = apply_dihedral(x0, draw)
+            pixels = apply_dihedral(pixels, draw) if pixels is not None else None
+            if teacher is not None:
+                (gh, gw), dim = teacher.grid, teacher.patches.shape[-1]
+                grid = teacher.patches.view(-1, gh, gw, dim)  # (B, h, w, D)
+                patches = apply_dihedral(grid, draw, dims=(1, 2)).reshape(-1, gh * gw, dim)
+                teacher = dataclasses.replace(teacher, patches=patches)
+        return TrainBatch(x0=x0, cond=self._conditions(batch), teacher=teacher, pixels=pixels)
 
 
 def shard_batches(
@@ -417,7 +431,9 @@ def shard_batches(
     is real), `image_tokens`, `rna_scores` (B, P) -> (B, P, 1) pathway tokens (present where
     finite); each only if the shards hold it. `teacher_key` (e.g. "image_tokens") also
     gives the cached alignment-teacher features [global, patches], `pixels_key` (e.g.
-    "image") the clean pixels an online teacher encodes. `prefetch` (default True) reads the next
+    "image") the clean pixels an online teacher encodes. `dihedral=True` gives each sample one
+    of the 8 flips/quarter turns (drawn from the step's generator, applied alike to the target,
+    its pixels and the teacher's patch grid; meant for pixel space or rotation-trained VAEs). `prefetch` (default True) reads the next
     step's records in a background thread. See ShardBatches for the option names.
     """
     return ShardBatches(dataset, batch_size, latent_key=latent_key, **options)

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from scipy import stats as scipy_stats
 from tqdm.auto import tqdm
 
+from mupad.data.dihedral import apply_dihedral, draw_dihedral
 from mupad.evaluation.images import ImageSet, load_image_set
 from mupad.evaluation.pcc import paired_permutation_test
 from mupad.evaluation.resnet import classifier_backend, resnet18
@@ -334,14 +335,7 @@ def load_fewshot_data(
 
 def random_dihedral(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Each image (B, C, S, S) under one of the 8 flips/90° rotations, drawn uniformly."""
-    choice = torch.randint(0, 8, (images.shape[0],), generator=generator)
-    out = images.clone()
-    for code in range(1, 8):
-        rows = (choice == code).nonzero().flatten()
-        if rows.numel():
-            picked = torch.rot90(images[rows], k=code % 4, dims=(2, 3))
-            out[rows] = picked.flip(3) if code >= 4 else picked
-    return out
+    return apply_dihedral(images, draw_dihedral(images.shape[0], generator))
 
 
 def _to_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -476,7 +470,7 @@ class PairedGain:
         out = {
             "shots": self.shots,
             "gain": self.gain.to_dict(),
-            "relative_gain": self.relative_gain,
+            "relative_gain": None if math.isnan(self.relative_gain) else self.relative_gain,
             "p_value": self.p_value,
             "wins": self.wins,
             "ties": self.ties,
@@ -531,7 +525,8 @@ def paired_gain(shots: int, real: Sequence[float], augmented: Sequence[float]) -
     return PairedGain(
         shots=shots,
         gain=Estimate(mean, low, high, 0.95, method, (int(diff.size),)),
-        relative_gain=float(np.mean(augmented)) / real_mean - 1.0 if real_mean > 0 else math.inf,
+        # Undefined (NaN, written as null) when the real arm scored 0.
+        relative_gain=float(np.mean(augmented)) / real_mean - 1.0 if real_mean > 0 else math.nan,
         p_value=paired_permutation_test(augmented, real).p_value,
         wins=int((diff > 0).sum()),
         ties=int((diff == 0).sum()),
