@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from mupad.applications.default_model import remember_demo_run
 from mupad.applications.figures import loss_curve_png, save_grid
 from mupad.applications.generate import generate
 from mupad.applications.train_tiles import train_on_tile_folder
@@ -139,6 +140,7 @@ def run_demo(out: str | Path = "runs/demo", settings: DemoConfig | None = None) 
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     index = out / "index.html"
     index.write_text(_index_html(figures, metrics, checkpoint, out))
+    remember_demo_run(out)  # the default model of `mupad generate` / `augment` / `serve`
     return index
 
 
@@ -162,9 +164,9 @@ a caption (MiniLM token states). Samples: EMA weights, SDE sampler, guidance ann
 <h2>Measured</h2>
 <table border="1" cellpadding="4">
 <tr><td>Sliced Wasserstein distance of RGB pixels to real crops (lower is better)</td>
-<td>generated {swd['generated_vs_real']:.4f} &middot; Gaussian noise {swd['noise_vs_real']:.4f}</td></tr>
+<td>generated {swd["generated_vs_real"]:.4f} &middot; Gaussian noise {swd["noise_vs_real"]:.4f}</td></tr>
 <tr><td>Class consistency (nearest real-class centroid of colour statistics)</td>
-<td>generated {consistency['generated']:.3f} &middot; chance {consistency['chance']:.3f}</td></tr>
+<td>generated {consistency["generated"]:.3f} &middot; chance {consistency["chance"]:.3f}</td></tr>
 </table>
 <h2>Training loss</h2><img src="loss_curve.png" alt="loss curve">
 <h2>Samples per class</h2>

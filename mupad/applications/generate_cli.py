@@ -131,6 +131,7 @@ Conditions = Annotated[
 def input_errors() -> tuple[type[BaseException], ...]:
     """Input errors reported as one red line (exit code 2) instead of a traceback."""
     from mupad.applications.batch_generate import RegenerationError
+    from mupad.applications.default_model import DefaultModelError
     from mupad.applications.prompts import PromptError
     from mupad.applications.reference_images import ReferenceImageError
     from mupad.applications.rna_inputs import RnaInputError
@@ -145,7 +146,7 @@ def input_errors() -> tuple[type[BaseException], ...]:
     return (
         PromptError, ReferenceImageError, RnaInputError, RegenerationError, EncoderError,
         ConditionError, ConfigError, TileFolderError, LatentsError, CheckpointError,
-        ModelInputError, OmicsError, FileNotFoundError,
+        ModelInputError, OmicsError, DefaultModelError, FileNotFoundError,
     )  # fmt: skip
 
 
@@ -292,7 +293,10 @@ def generate(
             _regenerate(from_sidecar, out, checkpoint, device)
             return
         if checkpoint is None:
-            raise typer.BadParameter("give --checkpoint (or --from-sidecar)")
+            from mupad.applications.default_model import default_checkpoint
+
+            checkpoint = default_checkpoint()
+            console.print(f"using the demo model {checkpoint} (no --checkpoint given)")
         if prompts is not None and given:
             raise typer.BadParameter(
                 f"give either --prompts or single-prompt options ({', '.join(given)}), not both"

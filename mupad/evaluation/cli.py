@@ -24,6 +24,7 @@ _COMMAND_MODULES = (
     "biomarker_cli",
     "fewshot_cli",
     "retrieval_cli",
+    "generator_cli",
 )
 
 for _name in _COMMAND_MODULES:

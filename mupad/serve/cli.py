@@ -63,8 +63,12 @@ def build_server(
 
 def serve(
     checkpoint: Annotated[
-        Path, typer.Option(help="Run folder, checkpoint folder or SiT.save_pretrained folder")
-    ],
+        Path | None,
+        typer.Option(
+            help="Run folder, checkpoint folder or SiT.save_pretrained folder (default: the "
+            "model `mupad demo` trained)"
+        ),
+    ] = None,
     host: Annotated[
         str,
         typer.Option(help="Address to bind; anything but localhost is reachable from others"),
@@ -125,6 +129,10 @@ def serve(
             max_steps=max_steps,
             max_queue=max_queue,
         )
+        if checkpoint is None:
+            from mupad.applications.default_model import default_checkpoint
+
+            checkpoint = default_checkpoint()
         console.print(f"loading {checkpoint} ...")
         allowed = (*LOCAL_HOSTS, host) if local else ("*",)  # "*": any name of this machine
         app = create_app(
