@@ -153,27 +153,32 @@ def test_all_checkpoints_give_one_entry_each_a_plot_and_an_honest_classifier(
     assert (tmp_path / "seed1" / name).read_bytes() != (out / name).read_bytes()
 
 
+def said(result) -> str:
+    """The command's output with rich's line wrapping undone."""
+    return " ".join(result.output.split())
+
+
 def test_bad_inputs_end_with_one_clear_error(tmp_path, run_dir, split):
     train, heldout = split
     no_text = tiny_model(0, image_dim=2048).save_pretrained(tmp_path / "image_only")
     result = evaluate(no_text, heldout, train, tmp_path / "a")
-    assert result.exit_code == 2 and "no text stream" in result.output
+    assert result.exit_code == 2 and "no text stream" in said(result)
 
     captions = tmp_path / "captions.json"
     captions.write_text(json.dumps({"01_TUMOR": "H&E: tumour"}))
     result = evaluate(run_dir, heldout, train, tmp_path / "b", "--captions", captions)
-    assert result.exit_code == 2 and "no caption" in result.output and "02_STROMA" in result.output
+    assert result.exit_code == 2 and "no caption" in said(result) and "02_STROMA" in said(result)
 
     bare = tiny_model(0, text_dim=384).save_pretrained(tmp_path / "bare")  # records no captions
     result = evaluate(bare, heldout, train, tmp_path / "c")
-    assert result.exit_code == 2 and "--captions" in result.output
+    assert result.exit_code == 2 and "--captions" in said(result)
 
     (tmp_path / "empty").mkdir()
     result = evaluate(run_dir, tmp_path / "empty", train, tmp_path / "d")
-    assert result.exit_code == 2 and "no held-out real tiles" in result.output
+    assert result.exit_code == 2 and "no held-out real tiles" in said(result)
 
     result = evaluate(bare, heldout, train, tmp_path / "e", "--checkpoints", "all")
-    assert result.exit_code == 2 and "run folder" in result.output
+    assert result.exit_code == 2 and "run folder" in said(result)
     assert not (tmp_path / "a").exists()  # nothing written before the inputs were checked
 
 

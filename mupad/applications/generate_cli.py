@@ -155,7 +155,7 @@ def fail(error: BaseException) -> typer.Exit:
     return typer.Exit(code=2)
 
 
-def _sample_config(
+def build_sample_config(
     sampler: SamplerKind, steps: int, schedule: GuidanceScheduleKind, start: float, end: float,
     mode: GuidanceMode, image_scale: float, text_scale: float, rna_scale: float, t_low: float,
     t_high: float, skip_below: float, seed: int,
@@ -181,7 +181,7 @@ def _sample_config(
     )
 
 
-def _settings(checkpoint: Path, **options):
+def generation_settings(checkpoint: Path, **options):
     from mupad.applications.generation_model import GenerationSettings, resolve_device
 
     options["device"] = resolve_device(options["device"])
@@ -322,12 +322,12 @@ def generate(
                     defaults={"seed": seed, "num_images": num_images},
                 )
             ]
-        sample_config = _sample_config(
+        sample_config = build_sample_config(
             sampler, steps, guidance_schedule, guidance_start, guidance_end, guidance_mode,
             image_scale, text_scale, rna_scale, guidance_t_low, guidance_t_high,
             guidance_skip_below, seed,
         )  # fmt: skip
-        settings = _settings(
+        settings = generation_settings(
             checkpoint, text_encoder=text_encoder, image_encoder=image_encoder, latents=latents,
             model_mpp=model_mpp, rna_pathways=rna_pathways, rna_standardiser=rna_standardiser,
             gene_sets=gene_sets, size=size, bf16=bf16, device=device, batch_size=batch_size,
@@ -432,12 +432,12 @@ def augment(
                 isinstance(v, str) for v in caption_map.values()
             ):
                 raise PromptError(f"{captions} must be a JSON object {{class: caption}}")
-        sample_config = _sample_config(
+        sample_config = build_sample_config(
             sampler, steps, guidance_schedule, guidance_start, guidance_end, guidance_mode,
             image_scale, text_scale, rna_scale, guidance_t_low, guidance_t_high,
             guidance_skip_below, seed,
         )  # fmt: skip
-        settings = _settings(
+        settings = generation_settings(
             checkpoint, text_encoder=text_encoder, image_encoder=image_encoder, latents=latents,
             model_mpp=model_mpp, size=size, bf16=bf16, device=device, batch_size=batch_size,
         )  # fmt: skip

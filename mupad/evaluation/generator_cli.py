@@ -55,8 +55,8 @@ from mupad.applications.generate_cli import (
     TextEncoder,
     THigh,
     TLow,
-    _sample_config,
-    _settings,
+    build_sample_config,
+    generation_settings,
     input_errors,
 )
 from mupad.config import GuidanceConfig, GuidanceMode, GuidanceScheduleKind, SamplerKind, to_dict
@@ -141,7 +141,7 @@ def _pyplot():
     return plt
 
 
-def _class_rows(image_set: ImageSet, class_name: str, count: int) -> list[np.ndarray]:
+def _class_rows(image_set: ImageSet, class_name: str, count: int) -> list[np.ndarray | None]:
     index = image_set.class_names.index(class_name)
     rows = np.flatnonzero(image_set.labels.numpy() == index)[:count]  # type: ignore[union-attr]
     return [image_set.images[i].permute(1, 2, 0).numpy() for i in rows]
@@ -151,28 +151,28 @@ def _sample_grid(real: ImageSet, generated: ImageSet, out: Path, name: Path) -> 
     """One row per class: up to GRID_COLUMNS held-out real tiles, then generated ones."""
     plt = _pyplot()
     classes = generated.class_names
-    columns = 2 * GRID_COLUMNS
+    widths = [
+        min(GRID_COLUMNS, int(np.bincount(s.labels.numpy()).max())) for s in (real, generated)
+    ]
+    columns = sum(widths)
     figure, axes = plt.subplots(
         len(classes), columns, figsize=(1.1 * columns + 1.5, 1.1 * len(classes) + 0.4),
         squeeze=False,
     )  # fmt: skip
     for row, class_name in enumerate(classes):
-        tiles = {
-            0: _class_rows(real, class_name, GRID_COLUMNS),
-            GRID_COLUMNS: _class_rows(generated, class_name, GRID_COLUMNS),
-        }
+        tiles = _class_rows(real, class_name, widths[0])
+        tiles += [None] * (widths[0] - len(tiles))  # a class with fewer real tiles
+        tiles += _class_rows(generated, class_name, widths[1])
         for column in range(columns):
             axis = axes[row, column]
             axis.set_xticks([])
             axis.set_yticks([])
-            start = 0 if column < GRID_COLUMNS else GRID_COLUMNS
-            picked = tiles[start]
-            if column - start < len(picked):
-                axis.imshow(picked[column - start])
+            if column < len(tiles) and tiles[column] is not None:
+                axis.imshow(tiles[column])
             else:
                 axis.axis("off")
             if row == 0:
-                axis.set_title("real" if column < GRID_COLUMNS else "generated", fontsize=8)
+                axis.set_title("real" if column < widths[0] else "generated", fontsize=8)
         axes[row, 0].set_ylabel(class_name, fontsize=7, rotation=0, ha="right", va="center")
     figure.tight_layout()
     (out / name).parent.mkdir(parents=True, exist_ok=True)
@@ -215,6 +215,7 @@ def _over_training_plot(
     accuracy.set_title("class accuracy")
     for axis in axes:
         axis.set_xlabel("training step")
+        axis.xaxis.get_major_locator().set_params(integer=True)
         axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(out / OVER_TRAINING_FIGURE, dpi=100)
@@ -404,7 +405,7 @@ def evaluate_generator(
 ) -> None:
     """FID/KID (with noise and blurred-real reference points) and class-conditioning
     accuracy of a trained text-conditioned model, per checkpoint, on held-out real tiles."""
-    sample_config = _sample_config(
+    sample_config = build_sample_config(
         sampler, steps, guidance_schedule, guidance_start, guidance_end, guidance_mode,
         1.0, text_scale, 1.0, guidance_t_low, guidance_t_high, guidance_skip_below, seed,
     )  # fmt: skip
@@ -424,7 +425,7 @@ def evaluate_generator(
             from mupad.applications.generation_model import GenerationModel
 
             return GenerationModel(
-                _settings(
+                generation_settings(
                     ref.path, text_encoder=text_encoder, latents=latents, model_mpp=model_mpp,
                     bf16=bf16, device=device, batch_size=batch_size,
                 )
