@@ -61,6 +61,7 @@ from mupad.applications.generate_cli import (
 )
 from mupad.config import GuidanceConfig, GuidanceMode, GuidanceScheduleKind, SamplerKind, to_dict
 from mupad.evaluation.cli_support import console, fail
+from mupad.evaluation.distances import fid_and_kid, reference_points
 from mupad.evaluation.features import (
     DEFAULT_EXTRACTOR,
     FeatureExtractor,
@@ -72,11 +73,7 @@ from mupad.evaluation.fid import (
     DEFAULT_BOOTSTRAP_ITERATIONS,
     DEFAULT_SMALL_SAMPLE_POLICY,
     SmallSamplePolicy,
-    blurred_images,
     check_small_sample,
-    fid_with_ci,
-    kid_with_ci,
-    uniform_noise_images,
 )
 from mupad.evaluation.generator_fidelity import (
     DEFAULT_L2,
@@ -109,17 +106,6 @@ def _read_captions(path: Path) -> dict[str, str]:
     if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
         raise EvaluationError(f"{path} must be a JSON object {{class: caption}}")
     return data
-
-
-def _distances(a: np.ndarray, b: np.ndarray, settings: dict[str, Any]) -> dict[str, Estimate]:
-    common = {"iterations": settings["bootstrap"], "seed": settings["seed"]}
-    return {
-        "fid": fid_with_ci(a, b, small_sample=settings["small_sample"], **common),
-        "kid": kid_with_ci(
-            a, b, num_subsets=settings["kid_subsets"], subset_size=settings["kid_subset_size"],
-            **common,
-        ),
-    }  # fmt: skip
 
 
 def _exact(value: float, what: str, n: int) -> Estimate:
@@ -228,25 +214,6 @@ def _over_training_plot(
 # --------------------------------------------------------------------------------------
 
 
-def _reference_points(
-    real: ImageSet, real_features: np.ndarray, extractor: FeatureExtractor, settings: dict
-) -> dict[str, Estimate]:
-    height, width = real.images.shape[2:]
-    anchors = {
-        "noise": uniform_noise_images(len(real), height, width, seed=settings["seed"]),
-        "blurred": blurred_images(real.images, settings["blur_sigma"]),
-    }
-    metrics: dict[str, Estimate] = {}
-    for label, images in anchors.items():
-        anchor = ImageSet(images=images, paths=(), labels=None, class_names=())
-        features = cached_features(
-            anchor, extractor, settings["cache_dir"], progress=settings["progress"]
-        )
-        for metric, value in _distances(real_features, features, settings).items():
-            metrics[f"{metric}_real_vs_{label}"] = value
-    return metrics
-
-
 def _accuracy_table(generated: ClassAccuracy, real: ClassAccuracy) -> pd.DataFrame:
     real_rows = real.per_class.set_index("class")
     table = generated.per_class.rename(
@@ -277,7 +244,7 @@ def _evaluate_checkpoint(
     features = cached_features(
         generated, context["extractor"], settings["cache_dir"], progress=settings["progress"]
     )
-    distances = _distances(features, context["real_features"], settings)
+    distances = fid_and_kid(features, context["real_features"], settings)
     accuracy = conditioning_accuracy(
         context["classifier"], features, generated.class_names, generated.labels.numpy(),
         iterations=settings["bootstrap"], seed=settings["seed"],
@@ -463,7 +430,7 @@ def evaluate_generator(
             "chance": chance,
         }  # fmt: skip
         out.mkdir(parents=True, exist_ok=True)
-        references = _reference_points(real_set, real_features, extractor, settings)
+        references = reference_points(real_set, real_features, extractor, settings)
         sections, results, described = [], [], []
         for ref in refs:
             model = first if ref == refs[-1] else load(ref)

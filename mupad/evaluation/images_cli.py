@@ -30,6 +30,7 @@ from rich.markup import escape
 
 from mupad.conditioning.base import EncoderError
 from mupad.evaluation.cli_support import console, fail
+from mupad.evaluation.distances import fid_and_kid, reference_points
 from mupad.evaluation.features import (
     DEFAULT_EXTRACTOR,
     FeatureExtractor,
@@ -41,16 +42,12 @@ from mupad.evaluation.fid import (
     DEFAULT_BOOTSTRAP_ITERATIONS,
     DEFAULT_SMALL_SAMPLE_POLICY,
     SmallSamplePolicy,
-    blurred_images,
     check_small_sample,
-    fid_with_ci,
-    kid_with_ci,
-    uniform_noise_images,
 )
 from mupad.evaluation.images import ImageSet, load_image_set
 from mupad.evaluation.report import ReportSection, write_evaluation
 from mupad.evaluation.similarity import PairBy, image_image_similarity, pair_image_files
-from mupad.evaluation.stats import Estimate, EvaluationError
+from mupad.evaluation.stats import EvaluationError
 
 SAMPLES_FIGURE = "samples.png"
 GRID_TILES = 8  # tiles per row of the sample figure
@@ -89,22 +86,6 @@ def _sample_grid(generated: ImageSet, real: ImageSet, out: Path) -> Path:
     figure.savefig(out / SAMPLES_FIGURE, dpi=100)
     plt.close(figure)
     return Path(SAMPLES_FIGURE)
-
-
-def _distances(
-    features_a: np.ndarray, features_b: np.ndarray, settings: dict[str, Any]
-) -> dict[str, Estimate]:
-    common = {"iterations": settings["bootstrap"], "seed": settings["seed"]}
-    return {
-        "fid": fid_with_ci(features_a, features_b, small_sample=settings["small_sample"], **common),
-        "kid": kid_with_ci(
-            features_a,
-            features_b,
-            num_subsets=settings["kid_subsets"],
-            subset_size=settings["kid_subset_size"],
-            **common,
-        ),
-    }
 
 
 def _paired_section(
@@ -158,19 +139,7 @@ def _reference_points_section(
     extractor: FeatureExtractor,
     settings: dict[str, Any],
 ) -> ReportSection:
-    height, width = real_set.images.shape[2:]
-    anchors = {
-        "noise": uniform_noise_images(len(real_set), height, width, seed=settings["seed"]),
-        "blurred": blurred_images(real_set.images, settings["blur_sigma"]),
-    }
-    metrics: dict[str, Estimate] = {}
-    for label, images in anchors.items():
-        anchor_set = ImageSet(images=images, paths=(), labels=None, class_names=())
-        features = cached_features(
-            anchor_set, extractor, settings["cache_dir"], progress=settings["progress"]
-        )
-        for metric, estimate in _distances(real_features, features, settings).items():
-            metrics[f"{metric}_real_vs_{label}"] = estimate
+    metrics = reference_points(real_set, real_features, extractor, settings)
     return ReportSection(
         title="Reference points",
         metrics=metrics,
@@ -253,7 +222,7 @@ def evaluate_images(
             cached_features(image_set, extractor, settings["cache_dir"], progress=progress)
             for image_set in (generated_set, real_set)
         )
-        distances = _distances(generated_features, real_features, settings)
+        distances = fid_and_kid(generated_features, real_features, settings)
         out.mkdir(parents=True, exist_ok=True)
         notes = [
             f"Features: {extractor.name} ({extractor.dim}-d). {extractor.description}",
