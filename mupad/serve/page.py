@@ -21,15 +21,21 @@ def _options(values: list[str], default: str) -> str:
 
 
 def _text_section(info: dict[str, Any]) -> str:
-    captions = "".join(f'<option value="{escape(c)}"></option>' for c in info["captions"])
     limit = info["limits"]["max_caption_chars"]
+    picker = ""
+    if info["captions"]:
+        # A <select> rather than a <datalist>: datalists do not attach to a <textarea>.
+        choices = "".join(
+            f'<option value="{escape(c)}">{escape(c)}</option>' for c in info["captions"]
+        )
+        picker = f"""
+  <label for="caption-pick">or start from a caption the model was trained with</label>
+  <select id="caption-pick"><option value="">(choose)</option>{choices}</select>"""
     return f"""
 <fieldset id="text-section"><legend>Caption (text condition)</legend>
   <label for="text">Caption</label>
   <textarea id="text" name="text" rows="2" maxlength="{limit}"
-    placeholder="H&amp;E histology: tumor" list="captions"></textarea>
-  <datalist id="captions">{captions}</datalist>
-  {"<p class=hint>Captions the model was trained with: " + ", ".join(escape(c) for c in info["captions"]) + "</p>" if info["captions"] else ""}
+    placeholder="H&amp;E histology: tumor"></textarea>{picker}
 </fieldset>"""
 
 
@@ -171,6 +177,10 @@ SCRIPT = """
     if (url) preview.src = url; else preview.removeAttribute("src");
   }
 
+  const captionPick = document.getElementById("caption-pick");
+  if (captionPick) captionPick.addEventListener("change", function () {
+    if (captionPick.value) document.getElementById("text").value = captionPick.value;
+  });
   if (tile) tile.addEventListener("change", function () {
     if (tile.value) {
       image.value = "";
