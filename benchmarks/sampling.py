@@ -18,7 +18,10 @@ All timings come from the same run, on the same model, from the same noise:
    velocity evaluations.
 4. Quality (if the demo run exists, `mupad demo` -> runs/demo): samples of the demo model
    (text-conditioned, pixel space, trained on the bundled Kather tiles) from each sampler,
-   scored by the sliced Wasserstein distance of their RGB pixels to real crops
+   scored against real crops (`--quality-real`: held-out tiles never seen in training) by
+   KID and FID of Inception features (`--quality-features`; KID is unbiased at these sample
+   sizes, FID is computed under the `allow` small-sample policy and only compares arms of
+   one run) and by the sliced Wasserstein distance of their RGB pixels
    (`mupad.evaluation.pixel_stats.sliced_wasserstein_rgb`), with the distance of a second
    real set of the same size (the floor) and of Gaussian noise. (The squared distance of
    ODE samples to an SDE sample from the same noise is not a quality measure: the SDE adds
@@ -278,6 +281,34 @@ def ode_vs_sde(
     return result
 
 
+def feature_distances(
+    args: argparse.Namespace, real_u8: torch.Tensor
+) -> Callable[[torch.Tensor], dict] | None:
+    """images -> {"kid": ..., "fid": ...} against the real crops in `--quality-features`
+    space (KID unbiased at small N; FID under the `allow` small-sample policy, so only
+    comparable between arms of this run), or None when the extractor is unavailable."""
+    if args.quality_features == "none":
+        return None
+    from mupad.conditioning.base import EncoderError
+    from mupad.evaluation.features import extract_features, feature_extractor
+    from mupad.evaluation.fid import fid_with_ci, kid_with_ci
+
+    try:
+        extractor = feature_extractor(args.quality_features)
+    except EncoderError as error:
+        print(f"  no {args.quality_features} features ({error}); SWD only")
+        return None
+    real = extract_features(real_u8, extractor, progress=False)
+
+    def distances(images: torch.Tensor) -> dict:
+        generated = extract_features(images, extractor, progress=False)
+        kid = kid_with_ci(generated, real, seed=args.seed)
+        fid = fid_with_ci(generated, real, small_sample="allow", seed=args.seed)
+        return {"kid": kid.to_dict(), "fid": fid.to_dict()}
+
+    return distances
+
+
 def quality(args: argparse.Namespace, device: torch.device, budget_s: float) -> dict:
     """Samples of the demo model from each sampler, SWD of RGB pixels to real crops.
 
@@ -298,15 +329,18 @@ def quality(args: argparse.Namespace, device: torch.device, budget_s: float) -> 
     labels = torch.arange(len(captions)).repeat_interleave(per_class)[: args.quality_samples]
     cond = bank.conditions(labels)
 
-    tiles = load_tile_folder(metadata["data"])
+    # Real crops: held-out tiles when given (never seen in training), else the training tiles.
+    tiles = load_tile_folder(args.quality_real or metadata["data"])
     crop = int(metadata.get("crop", model.config.sample_size))
     real_generator = torch.Generator().manual_seed(12345)  # as `mupad demo`
     real, _ = random_crops(tiles, crop, 512, real_generator)
     real_u8 = to_uint8(real)
     other, _ = random_crops(tiles, crop, len(labels), torch.Generator().manual_seed(999))
     noise_u8 = to_uint8(torch.randn(len(labels), 3, crop, crop).clamp(-1, 1))
+    embed = feature_distances(args, real_u8)
     result: dict = {
         "checkpoint": str(model_dir),
+        "real": str(args.quality_real or metadata["data"]),
         "num_samples": len(labels),
         "floor_real_vs_real": sliced_wasserstein_rgb(to_uint8(other), real_u8),
         "noise_vs_real": sliced_wasserstein_rgb(noise_u8, real_u8),
@@ -340,12 +374,17 @@ def quality(args: argparse.Namespace, device: torch.device, budget_s: float) -> 
         exact = images if exact is None else exact
         key = f"{sampler}_{steps}" + (f"_skip{skip:g}" if skip else "")
         entry = {"wall_s": seconds, "swd_to_real": swd, "wall_over_sde": seconds / sde_wall}
+        if embed is not None:
+            entry.update(embed(images))
         if skip:
             entry["mean_abs_diff_to_exact_sde"] = float(
                 (images.float() - exact.float()).abs().mean()
             )
         result["samplers"][key] = entry
         extra = f", |diff| to exact {entry['mean_abs_diff_to_exact_sde']:.2f}/255" if skip else ""
+        if embed is not None:
+            extra += f", KID {entry['kid']['value']:.4f} [{entry['kid']['ci_low']:.4f}, {entry['kid']['ci_high']:.4f}]"
+            extra += f", FID {entry['fid']['value']:.1f}"
         print(f"  {key:<20} {fmt_s(seconds)}  SWD to real {swd:.4f}{extra}")
     return result
 
@@ -389,6 +428,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quality", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--demo-run", default="runs/demo", help="the `mupad demo` run folder")
     parser.add_argument("--quality-samples", type=int, default=16)
+    parser.add_argument(
+        "--quality-real",
+        default=None,
+        help="held-out real tiles (<class>/<tile>) for the quality section (default: the "
+        "demo's training tiles)",
+    )
+    parser.add_argument(
+        "--quality-features",
+        default="inception",
+        help="feature extractor for KID/FID in the quality section ('none': SWD only)",
+    )
     parser.add_argument(
         "--quality-ode-steps", default=None, help="ODE steps for quality (default = --ode-steps)"
     )
