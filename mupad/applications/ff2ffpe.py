@@ -785,12 +785,9 @@ def wsi_translator(checkpoint: Path | None, options: Any) -> FFPETranslator:
     """Factory of "ff2ffpe" for `mupad wsi translate`: `checkpoint` the fine-tuned run;
     --option keys steps, method, strength, inject_blocks (e.g. 0-5, all, none),
     inject_fraction, inject_mode (maps, kv), guidance, source_text, target_text."""
-    extra = dict(getattr(options, "extra", {}) or {})
-    unknown = sorted(set(extra) - set(_WSI_OPTION_KEYS))
-    if unknown:
-        raise FFPEError(
-            f"unknown ff2ffpe option(s) {unknown}; choose from {', '.join(_WSI_OPTION_KEYS)}"
-        )
+    from mupad.applications.wsi import translator_extras
+
+    extra = translator_extras(options, "ff2ffpe", _WSI_OPTION_KEYS, FFPEError)
     if checkpoint is None:
         raise FFPEError("ff2ffpe needs the fine-tuned run as the checkpoint (--checkpoint RUN)")
     device = resolve_device(getattr(options, "device", "cpu") or "cpu")

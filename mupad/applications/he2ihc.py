@@ -1207,12 +1207,9 @@ def wsi_translator(checkpoint: Path | None, options: Any) -> HEToIHCTranslator:
     size; `options.mpp` overrides the flow's recorded µm/px; device "auto" picks CUDA when
     available.
     """
-    extra = dict(getattr(options, "extra", {}) or {})
-    unknown = sorted(set(extra) - set(_WSI_OPTION_KEYS))
-    if unknown:
-        raise HE2IHCError(
-            f"unknown he2ihc option(s) {unknown}; choose from {', '.join(_WSI_OPTION_KEYS)}"
-        )
+    from mupad.applications.wsi import translator_extras
+
+    extra = translator_extras(options, "he2ihc", _WSI_OPTION_KEYS, HE2IHCError)
     if checkpoint is None or "flow" not in extra:
         raise HE2IHCError(
             "he2ihc needs the IHC generator as the checkpoint and the flow folder as "

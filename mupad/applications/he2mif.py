@@ -842,12 +842,9 @@ def wsi_translator(checkpoint: Path | None, options: Any) -> MIFTranslator:
 
 
 def _wsi_translator(checkpoint: Path | None, options: Any) -> MIFTranslator:
-    extra = dict(getattr(options, "extra", {}) or {})
-    unknown = sorted(set(extra) - set(_WSI_OPTION_KEYS))
-    if unknown:
-        raise MIFError(
-            f"unknown he2mif option(s) {unknown}; choose from {', '.join(_WSI_OPTION_KEYS)}"
-        )
+    from mupad.applications.wsi import translator_extras
+
+    extra = translator_extras(options, "he2mif", _WSI_OPTION_KEYS, MIFError)
     if checkpoint is None:
         raise MIFError("he2mif needs a checkpoint: the run folder written by `mupad mif train`")
     translator = MIFTranslator.from_pretrained(

@@ -51,4 +51,3 @@ class ProgressSamples:
             bf16=True,
         )  # (N, 3, H, W) uint8
         return save_grid(images, self.out_dir / f"step-{step:07d}.png", columns=self.columns)
-

@@ -93,14 +93,19 @@ def train_on_tile_folder(
     bank = encode_captions(texts, encoder)
     codec = load_codec(latents)
     if crop % codec.downsample:
-        raise ValueError(f"crop {crop} is not a multiple of the codec's downsample {codec.downsample}")
+        raise ValueError(
+            f"crop {crop} is not a multiple of the codec's downsample {codec.downsample}"
+        )
     initial = None
     if init_from is not None:
         if model_config is not None:
             raise ConfigError("give either model_config or init_from (whose config is used)")
         initial = _initial_weights(Path(init_from), crop // codec.downsample)
         model_config = initial[0]
-        if model_config.text_dim != encoder.dim or model_config.in_channels != codec.latent_channels:
+        if (
+            model_config.text_dim != encoder.dim
+            or model_config.in_channels != codec.latent_channels
+        ):
             raise ConfigError(
                 f"{init_from} takes {model_config.in_channels}-channel inputs and "
                 f"{model_config.text_dim}-wide text tokens, but the {latents!r} codec gives "
@@ -218,9 +223,7 @@ def sample_prompts(
     bank = encode_captions(list(prompts), encoder)
     labels = torch.arange(len(prompts)).repeat_interleave(num_per_prompt)
     codec = load_codec(metadata.get("latents", "identity"))
-    images = generate(
-        model, bank.conditions(labels), sample_config, codec=codec, progress=True
-    )
+    images = generate(model, bank.conditions(labels), sample_config, codec=codec, progress=True)
     out = Path(out)
     save_grid(images, out, columns=num_per_prompt)
     sidecar = {

@@ -146,6 +146,22 @@ class TranslatorOptions:
 
 TranslatorFactory = Callable[[Path | None, TranslatorOptions], TileTranslator]
 
+
+def translator_extras(
+    options: TranslatorOptions,
+    name: str,
+    allowed: Sequence[str],
+    error: type[Exception] = WsiTranslationError,
+) -> dict[str, str]:
+    """`options.extra` (--option KEY=VALUE) checked against the keys translator `name`
+    accepts; an unknown key raises `error` listing the accepted ones."""
+    extra = dict(getattr(options, "extra", {}) or {})
+    unknown = sorted(set(extra) - set(allowed))
+    if unknown:
+        raise error(f"unknown {name} option(s) {unknown}; choose from {', '.join(allowed)}")
+    return extra
+
+
 # name -> factory, or "module:attribute" of a factory (imported only when used, so that the CLI
 # starts fast). Translations register here with one line each.
 _TRANSLATORS: dict[str, str | TranslatorFactory] = {
