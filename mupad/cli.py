@@ -105,6 +105,23 @@ def demo(
     console.print(f"[green]done[/green]: open {index}")
 
 
+# Backbone overrides of a preset (shared by train and ablate): a shallower or narrower
+# SiT than the DiT family's sizes, e.g. for a CPU budget.
+HiddenSizeOption = Annotated[
+    int | None, typer.Option(help="Override the preset's hidden width")
+]
+DepthOption = Annotated[int | None, typer.Option(help="Override the preset's number of blocks")]
+NumHeadsOption = Annotated[
+    int | None, typer.Option(help="Override the preset's attention heads")
+]
+
+
+def _backbone(hidden_size: int | None, depth: int | None, num_heads: int | None) -> dict:
+    """The given backbone overrides as ModelConfig fields (hidden_size, depth, num_heads)."""
+    given = {"hidden_size": hidden_size, "depth": depth, "num_heads": num_heads}
+    return {name: value for name, value in given.items() if value is not None}
+
+
 @app.command()
 def train(
     out: Annotated[Path, typer.Option(help="Run folder (re-run the same command to resume)")],
@@ -118,6 +135,9 @@ def train(
     preset: Annotated[
         str, typer.Option(help="Model preset: " + ", ".join(model_preset_names()))
     ] = "S/4",
+    hidden_size: HiddenSizeOption = None,
+    depth: DepthOption = None,
+    num_heads: NumHeadsOption = None,
     crop: Annotated[int, typer.Option(help="Training crop size in pixels")] = 64,
     latents: Annotated[
         str, typer.Option(help="'identity' (pixel space) or a local AutoencoderKL folder")
@@ -238,6 +258,7 @@ def train(
                 out,
                 train_config=train_config,
                 preset=preset,
+                backbone=_backbone(hidden_size, depth, num_heads),
                 cross_attention=cross_attention,
                 latents=None if latents == "identity" else latents,
                 text_encoder=text_encoder,
@@ -252,6 +273,7 @@ def train(
                 data,
                 out,
                 preset=preset,
+                backbone=_backbone(hidden_size, depth, num_heads),
                 crop=crop,
                 latents=latents,
                 cross_attention=cross_attention,
@@ -289,6 +311,9 @@ def ablate(
     preset: Annotated[
         str, typer.Option(help="Model preset: " + ", ".join(model_preset_names()))
     ] = "S/4",
+    hidden_size: HiddenSizeOption = None,
+    depth: DepthOption = None,
+    num_heads: NumHeadsOption = None,
     steps: Annotated[int, typer.Option(help="Training steps of every arm")] = 10_000,
     eval_every: Annotated[int, typer.Option(help="Score every arm every N steps")] = 1000,
     eval_records: Annotated[int, typer.Option(help="Held-out records scored")] = 256,
@@ -362,6 +387,7 @@ def ablate(
         out,
         arms=arm_set,
         preset=preset,
+        backbone=_backbone(hidden_size, depth, num_heads),
         train_config=train_config,
         eval_every=eval_every,
         eval_records=eval_records,

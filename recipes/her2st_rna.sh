@@ -2,9 +2,11 @@
 # RNA/ST-conditioned H&E model on the HER2ST breast sections (legacy ST, 100 µm spots).
 # One 128 µm patch per spot (64 px, 2 µm/px) paired with the spot's ssGSEA pathway scores
 # (the bundled WikiPathways collection, pathways scored in every section); sections B4 and
-# C2-C5 train, C6 is held out. SiT-S/8 in pixel space with the RNA stream (one token per
+# C2-C5 train, C6 is held out. SiT/8 in pixel space (hidden 256, depth 6: SiT-S/8
+# narrowed and halved to fit a CPU budget) with the RNA stream (one token per
 # pathway), the MUPAD objective against cached Inception features, random flips/quarter turns.
-# Re-running resumes.
+# fp32 by default: bf16 autocast pays off on GPUs and on CPUs with AMX, but was 18x slower
+# than fp32 on an AVX2-only CPU (PRECISION=bf16 to choose it). Re-running resumes.
 #
 #   bash recipes/her2st_rna.sh [RUN_ROOT]      (default runs/her2st_rna)
 set -euo pipefail
@@ -23,7 +25,8 @@ for split in train val; do
     (cd "$ROOT/st" && mupad prepare "pairs_$split.csv" "../shards_$split" --tile-size 64 \
         --tile-mpp 2.0 --image-encoder inception)
 done
-mupad train --shards "$ROOT/shards_train" --out "$ROOT/model" --preset S/8 --conditions rna \
-    --objective mupad --dihedral --precision bf16 --steps "${STEPS:-20000}" --batch-size 16 \
-    --lr 2e-4 --warmup-steps 500 --ema-decay 0.999 --checkpoint-every 200 --keep-checkpoints 2 \
+mupad train --shards "$ROOT/shards_train" --out "$ROOT/model" --preset S/8 --hidden-size 256 \
+    --depth 6 --num-heads 4 --conditions rna --objective mupad --dihedral \
+    --precision "${PRECISION:-fp32}" --steps "${STEPS:-20000}" --batch-size 16 \
+    --lr 2e-4 --warmup-steps 500 --ema-decay 0.999 --checkpoint-every 250 --keep-checkpoints 0 \
     --sample-every 1000 --seed 0

@@ -615,6 +615,7 @@ def run_ablation(
     *,
     arms: ArmSet | str | Sequence[Arm] = ArmSet.OBJECTIVES,
     preset: str = "S/4",
+    backbone: Mapping[str, int] | None = None,
     train_config: TrainConfig,
     eval_every: int,
     eval_records: int = 256,
@@ -689,6 +690,7 @@ def run_ablation(
         "use_latents": use_latents,
         "modalities": None if modalities is None else sorted(modalities),
         "model": preset if model_config is None else to_dict(model_config),
+        "backbone": dict(backbone or {}),
         "eval_every": eval_every,
         "arms": [
             {
@@ -733,6 +735,7 @@ def run_ablation(
                     run_dir,
                     train_config=arm_train_config(train_config, arm, step),
                     preset=preset,
+                    backbone=backbone,
                     model_config=(
                         None
                         if model_config is None
@@ -781,7 +784,7 @@ def run_ablation(
             eval_set,
             train_config,
             eval_every,
-            preset,
+            preset + "".join(f", {k} {v}" for k, v in (backbone or {}).items()),
             model_config,
             eval_seed,
         ),

@@ -139,6 +139,7 @@ def train_on_shards(
     *,
     train_config: TrainConfig,
     preset: str = "S/2",
+    backbone: Mapping[str, int] | None = None,
     model_config: ModelConfig | None = None,
     cross_attention: CrossAttentionKind = CrossAttentionKind.DECOUPLED,
     use_latents: bool = True,
@@ -155,7 +156,8 @@ def train_on_shards(
 
     `latents` / `text_encoder` name the VAE and text encoder the shards were prepared with;
     they are stored in the checkpoint metadata so samples can be decoded and prompted later.
-    `modalities` picks the condition streams (e.g. ["text"]; [] trains unconditionally);
+    `backbone` overrides the preset's hidden_size / depth / num_heads (e.g. a shallower model
+    for a CPU budget). `modalities` picks the condition streams (e.g. ["text"]; [] trains unconditionally);
     None uses every condition the shards hold. `dihedral` gives each tile a random flip /
     quarter turn (with its teacher grid; see `ShardBatches`).
     Under torchrun pass `dist=distributed.from_environment()`: every process reads the
@@ -168,9 +170,12 @@ def train_on_shards(
     teacher, teacher_key, pixels_key = teacher_for_shards(schema, alignment)
     if model_config is None:
         widths = model_widths(schema, use_latents=use_latents, modalities=modalities)
+        backbone = dict(backbone or {})
         if "rna_pathways" in widths:
-            widths["rna_dim"] = model_preset(preset).hidden_size
-        model_config = model_preset(preset, cross_attention=cross_attention, **widths)
+            widths["rna_dim"] = model_preset(preset, **backbone).hidden_size
+        model_config = model_preset(
+            preset, cross_attention=cross_attention, **backbone, **widths
+        )
     latent_key = LATENT_KEY if use_latents and LATENT_KEY in schema else None
     fields = condition_fields(schema, modalities)
     batches = ShardBatches(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +69,7 @@ def train_on_tile_folder(
     *,
     train_config: TrainConfig,
     preset: str = "S/4",
+    backbone: Mapping[str, int] | None = None,
     model_config: ModelConfig | None = None,
     crop: int = 64,
     latents: str = "identity",
@@ -81,7 +82,7 @@ def train_on_tile_folder(
 ) -> TileRun:
     """Train a caption-conditioned SiT on `data/<class>/<tile>` crops; resumes if `out` has a run.
 
-    `init_from` (a run, checkpoint or model folder) warm-starts a fresh run from those weights
+    `backbone` overrides the preset's hidden_size / depth / num_heads. `init_from` (a run, checkpoint or model folder) warm-starts a fresh run from those weights
     (its model config, with `sample_size` set to this crop); the optimizer, EMA and step start
     anew. Once `out` has a checkpoint of its own, the run resumes from it and `init_from`
     only has to name the same weights.
@@ -115,6 +116,7 @@ def train_on_tile_folder(
     if model_config is None:
         model_config = model_preset(
             preset,
+            **dict(backbone or {}),
             in_channels=codec.latent_channels,
             text_dim=encoder.dim,
             cross_attention=cross_attention,
