@@ -319,3 +319,21 @@ def test_ablate_command(data, tmp_path):
     assert shared["cross_attention"] == "shared" and shared["image_dim"] == 0
     bad = CliRunner().invoke(app, [*args[:8], "everything", *args[9:]])
     assert bad.exit_code != 0
+
+
+def test_train_backbone_options_override_the_preset(data, tmp_path):
+    run = tmp_path / "run"
+    args = [
+        "train", "--shards", data["train"], "--out", run, "--preset", "tiny", "--hidden-size",
+        32, "--depth", 1, "--num-heads", 4, "--steps", 1, "--batch-size", 4, "--precision",
+        "fp32", "--device", "cpu",
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    config = json.loads((checkpoint_dir(run, 1) / "config.json").read_text())
+    assert (config["hidden_size"], config["depth"], config["num_heads"]) == (32, 1, 4)
+    assert config["patch_size"] == 2  # the rest is still the preset's
+    args[args.index(run)] = tmp_path / "bad"
+    bad = CliRunner().invoke(app, [str(a) for a in [*args, "--num-heads", 5]])
+    assert bad.exit_code != 0  # 32 is not divisible by 5 heads: refused by the config
+    assert "num_heads" in str(bad.exception) or "num_heads" in bad.output

@@ -12,8 +12,8 @@ import typer
 
 evaluate_app = typer.Typer(
     help="Evaluate generated or translated images: FID/KID, similarity, mIF correlation, cell "
-    "types, biomarker AUC, few-shot and retrieval benchmarks. Each writes metrics.json and "
-    "report.html.",
+    "types, biomarker AUC, few-shot and retrieval benchmarks, RNA/ST spot matching. Each "
+    "writes metrics.json and report.html.",
     no_args_is_help=True,
 )
 
@@ -25,6 +25,7 @@ _COMMAND_MODULES = (
     "fewshot_cli",
     "retrieval_cli",
     "generator_cli",
+    "rna_cli",
 )
 
 for _name in _COMMAND_MODULES:
