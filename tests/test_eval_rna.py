@@ -67,9 +67,12 @@ def test_own_spot_nearest_everywhere_wins_every_comparison_and_beats_every_permu
 def test_noise_distances_give_chance_level_statistics_and_intervals_that_cover_it():
     results = [
         spot_matching(
-            np.random.default_rng(seed).uniform(size=(60, 60)), top_k=(1,), iterations=200,
-            permutation_draws=200, seed=seed,
-        )  # fmt: skip
+            np.random.default_rng(seed).uniform(size=(60, 60)),
+            top_k=(1,),
+            iterations=200,
+            permutation_draws=200,
+            seed=seed,
+        )
         for seed in range(20)
     ]
     wins = [r.win_rate for r in results]
