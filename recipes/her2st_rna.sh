@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # RNA/ST-conditioned H&E model on the HER2ST breast sections (legacy ST, 100 µm spots).
 # One 128 µm patch per spot (64 px, 2 µm/px) paired with the spot's ssGSEA pathway scores
-# (the bundled WikiPathways collection, pathways scored in every section); sections B4 and
+# (the bundled WikiPathways collection, pathways scored in every section; the 128 varying
+# most across the training spots, PATHWAYS=0 for all 757); sections B4 and
 # C2-C5 train, C6 is held out. SiT/8 in pixel space (hidden 256, depth 6: SiT-S/8
 # narrowed and halved to fit a CPU budget) with the RNA stream (one token per
 # pathway), the MUPAD objective against cached Inception features, random flips/quarter turns.
@@ -20,7 +21,8 @@ for section in ${SECTIONS//,/ }; do
     [ -f "$ROOT/st/$section/scores.csv" ] ||
         mupad st extract "$DATA" --section "$section" --out "$ROOT/st/$section" --size 64 --patch-um 128
 done
-python "$HERE/her2st_pairs.py" "$ROOT/st" --sections "$SECTIONS" --val C6
+python "$HERE/her2st_pairs.py" "$ROOT/st" --sections "$SECTIONS" --val C6 \
+    --max-pathways "${PATHWAYS:-128}"
 for split in train val; do
     (cd "$ROOT/st" && mupad prepare "pairs_$split.csv" "../shards_$split" --tile-size 64 \
         --tile-mpp 2.0 --image-encoder inception)

@@ -27,12 +27,7 @@ CLASSES = sorted(p.name for p in bundled_kather_dir().iterdir() if p.is_dir())
 TRAIN_PER_CLASS = 8  # of the 12 bundled tiles per class; the other 4 are held out
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed: int, **streams) -> SiT:

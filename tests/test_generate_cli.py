@@ -40,12 +40,7 @@ FAST = ["--steps", "3", "--device", "cpu", "--no-progress"]
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(**streams) -> SiT:

@@ -22,13 +22,7 @@ TRAIN_STEPS = 1000
 BATCH = 512
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # A small MLP: intra-op threads only add contention (and are badly slow on a busy box).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def draw_mixture(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

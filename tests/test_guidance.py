@@ -17,14 +17,7 @@ from mupad.transport import (
     sample,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: intra-op threads only add contention (and are badly slow on a busy box).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # Per-modality effect on the toy velocity: each present modality adds its own term.

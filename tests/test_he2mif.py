@@ -67,12 +67,7 @@ SIZE = 16
 FAST = SampleConfig(sampler="euler", num_steps=8, guidance=GuidanceConfig(start=0.0, end=0.0))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class StubEncoder(ImageEncoder):

@@ -16,12 +16,7 @@ from mupad.models.kv_cache import condition_kv_cache
 TEXT_DIM, IMAGE_DIM = 16, 12
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model() -> SiT:

@@ -40,13 +40,7 @@ MU = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)  # (D,)
 STD = torch.tensor([0.5, 1.0, 1.5], dtype=torch.float64)  # (D,)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: intra-op threads only add contention (and are badly slow on a busy box).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gaussian_velocity(mu: torch.Tensor, std: torch.Tensor):

@@ -23,12 +23,7 @@ from mupad.vae.train import VAERunError, bicubic_baseline, train_vae
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _config(**overrides) -> VAETrainConfig:

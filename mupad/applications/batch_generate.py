@@ -72,6 +72,27 @@ class FlatLayout:
         return Path(self.out) / f"{record.id}_{index}.json"
 
 
+@dataclasses.dataclass(frozen=True)
+class FolderLayout:
+    """out/<record id>/<k>.png (k zero-padded to 4 digits) with <k>.json beside it: one
+    folder per record, for evaluation sets (a class, a spot) generated record by record."""
+
+    out: Path
+
+    def png(self, record: PromptRecord, index: int) -> Path:
+        return Path(self.out) / record.id / f"{index:04d}.png"
+
+    def sidecar(self, record: PromptRecord, index: int) -> Path | None:
+        return Path(self.out) / record.id / f"{index:04d}.json"
+
+
+def named_seed(seed: int, name: str) -> int:
+    """A stable 63-bit seed for one named record under a base seed: independent of which
+    other records are generated with it (a class, a spot)."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
 def chunk_seed(seed: int, chunk: int) -> int:
     """The sampler seed of chunk `chunk` of a record seeded `seed` (chunk 0: the seed itself;
     later chunks: a SeedSequence hash, so consecutive record seeds never share noise)."""

@@ -1,13 +1,28 @@
 """What every `mupad evaluate` command shares: the stderr console, how an input error ends
-the command (one red line, exit code 2), and comma-separated integer options."""
+the command (one red line, exit code 2), comma-separated integer options, and the feature
+extractor options."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 console = Console(stderr=True)
+
+# Feature-extractor options (names from mupad.evaluation.features).
+FeaturesOption = Annotated[
+    str, typer.Option(help="Feature extractor: inception, uni, conch, ..., colour")
+]
+WeightsOption = Annotated[
+    Path | None, typer.Option(help="Explicit weights file/folder of the extractor")
+]
+CacheDirOption = Annotated[
+    Path | None, typer.Option(help="Feature cache folder (default $MUPAD_CACHE/features)")
+]
 
 
 def fail(exc: Exception) -> typer.Exit:

@@ -60,7 +60,13 @@ from mupad.applications.generate_cli import (
     input_errors,
 )
 from mupad.config import GuidanceConfig, GuidanceMode, GuidanceScheduleKind, SamplerKind, to_dict
-from mupad.evaluation.cli_support import console, fail
+from mupad.evaluation.cli_support import (
+    CacheDirOption,
+    FeaturesOption,
+    WeightsOption,
+    console,
+    fail,
+)
 from mupad.evaluation.distances import fid_and_kid, reference_points
 from mupad.evaluation.features import (
     DEFAULT_EXTRACTOR,
@@ -324,12 +330,8 @@ def evaluate_generator(
         float | None,
         typer.Option(help="µm/px of the real tiles: resample to the model's (default: resize)"),
     ] = None,
-    features: Annotated[
-        str, typer.Option(help="Feature extractor: inception, uni, ..., colour")
-    ] = DEFAULT_EXTRACTOR,
-    weights: Annotated[
-        Path | None, typer.Option(help="Explicit weights file/folder of the extractor")
-    ] = None,
+    features: FeaturesOption = DEFAULT_EXTRACTOR,
+    weights: WeightsOption = None,
     small_sample: Annotated[
         SmallSamplePolicy,
         typer.Option(help="FID with no more images than feature dimensions: refuse or allow"),
@@ -343,9 +345,7 @@ def evaluate_generator(
     classifier_l2: Annotated[
         float, typer.Option(help="L2 penalty of the logistic-regression classifier")
     ] = DEFAULT_L2,
-    cache_dir: Annotated[
-        Path | None, typer.Option(help="Feature cache folder (default $MUPAD_CACHE/features)")
-    ] = None,
+    cache_dir: CacheDirOption = None,
     seed: Annotated[
         int, typer.Option(help="Seed of generation (per class), bootstrap, KID, noise")
     ] = 0,

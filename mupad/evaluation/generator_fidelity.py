@@ -30,7 +30,6 @@ the held-out real tiles is the ceiling a perfect generator could reach with this
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -40,7 +39,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mupad.applications.batch_generate import generate_records
+from mupad.applications.batch_generate import FolderLayout, generate_records, named_seed
 from mupad.applications.generation_model import GenerationModel
 from mupad.applications.prompts import PromptRecord
 from mupad.applications.reference_images import ReferenceImageError, load_reference_image
@@ -200,21 +199,7 @@ def check_captions(classes: Sequence[str], captions: Mapping[str, str], source: 
 
 def class_seed(seed: int, class_name: str) -> int:
     """A stable 63-bit seed per class (independent of which other classes are evaluated)."""
-    digest = hashlib.sha256(f"{seed}:{class_name}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
-
-
-@dataclasses.dataclass(frozen=True)
-class _ClassLayout:
-    """out/<class>/<k>.png with out/<class>/<k>.json (the exact-regeneration sidecar)."""
-
-    out: Path
-
-    def png(self, record: PromptRecord, index: int) -> Path:
-        return self.out / record.id / f"{index:04d}.png"
-
-    def sidecar(self, record: PromptRecord, index: int) -> Path | None:
-        return self.out / record.id / f"{index:04d}.json"
+    return named_seed(seed, class_name)
 
 
 def check_text_stream(model: GenerationModel) -> None:
@@ -252,7 +237,7 @@ def generate_class_tiles(
         )
         for name in class_names
     ]
-    layout = _ClassLayout(out)
+    layout = FolderLayout(out)  # out/<class>/<k>.png + the regeneration sidecar
     generate_records(
         model, records, sample_config, layout, modalities=(Modality.TEXT,),
         overwrite=overwrite, progress=progress,

@@ -29,7 +29,13 @@ import typer
 from rich.markup import escape
 
 from mupad.conditioning.base import EncoderError
-from mupad.evaluation.cli_support import console, fail
+from mupad.evaluation.cli_support import (
+    CacheDirOption,
+    FeaturesOption,
+    WeightsOption,
+    console,
+    fail,
+)
 from mupad.evaluation.distances import fid_and_kid, reference_points
 from mupad.evaluation.features import (
     DEFAULT_EXTRACTOR,
@@ -168,12 +174,8 @@ def evaluate_images(
         PairBy,
         typer.Option(help="Pair generated/reference files by name (suffix ignored) or order"),
     ] = PairBy.NAME,
-    features: Annotated[
-        str, typer.Option(help="Feature extractor: inception, uni, conch, ..., colour")
-    ] = DEFAULT_EXTRACTOR,
-    weights: Annotated[
-        Path | None, typer.Option(help="Explicit weights file/folder of the extractor")
-    ] = None,
+    features: FeaturesOption = DEFAULT_EXTRACTOR,
+    weights: WeightsOption = None,
     size: Annotated[
         int | None, typer.Option(help="Centre-crop and resize every image to N x N first")
     ] = None,
@@ -188,9 +190,7 @@ def evaluate_images(
         SmallSamplePolicy,
         typer.Option(help="FID with no more images than feature dimensions: refuse or allow"),
     ] = DEFAULT_SMALL_SAMPLE_POLICY,
-    cache_dir: Annotated[
-        Path | None, typer.Option(help="Feature cache folder (default $MUPAD_CACHE/features)")
-    ] = None,
+    cache_dir: CacheDirOption = None,
     seed: Annotated[int, typer.Option(help="Seed of bootstrap, KID subsets, noise")] = 0,
     reference_points: Annotated[
         bool, typer.Option(help="Also report FID/KID of real vs noise and real vs blurred")

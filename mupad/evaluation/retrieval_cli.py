@@ -28,7 +28,7 @@ import typer
 
 from mupad.conditioning.base import EncoderError
 from mupad.data.prepare_sources import PrepareError, load_captions
-from mupad.evaluation.cli_support import console, fail, parse_int_list
+from mupad.evaluation.cli_support import CacheDirOption, console, fail, parse_int_list
 from mupad.evaluation.features import DEFAULT_EXTRACTOR, default_cache_dir
 from mupad.evaluation.report import ReportSection, write_evaluation
 from mupad.evaluation.retrieval import (
@@ -171,9 +171,7 @@ def evaluate_retrieval(
     size: Annotated[
         int | None, typer.Option(help="Centre-crop and resize images to N x N when read")
     ] = None,
-    cache_dir: Annotated[
-        Path | None, typer.Option(help="Feature cache folder (default $MUPAD_CACHE/features)")
-    ] = None,
+    cache_dir: CacheDirOption = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N (feature extraction)")] = "cpu",
     seed: Annotated[int, typer.Option(help="Seed of the head init and batch order")] = 0,
     save_model: Annotated[bool, typer.Option(help=f"Save the heads to OUT/{MODEL_FOLDER}")] = True,

@@ -49,7 +49,14 @@ from mupad.evaluation.celltypes import (
     config_dict,
     profile_images,
 )
-from mupad.evaluation.cli_support import console, fail, parse_int_list
+from mupad.evaluation.cli_support import (
+    CacheDirOption,
+    FeaturesOption,
+    WeightsOption,
+    console,
+    fail,
+    parse_int_list,
+)
 from mupad.evaluation.features import (
     DEFAULT_EXTRACTOR,
     cached_features,
@@ -165,12 +172,8 @@ def evaluate_rna(
     max_spots: Annotated[
         int | None, typer.Option(help="Evaluate only the first N spots of the CSV")
     ] = None,
-    features: Annotated[
-        str, typer.Option(help="Feature extractor: inception, uni, ..., colour")
-    ] = DEFAULT_EXTRACTOR,
-    weights: Annotated[
-        Path | None, typer.Option(help="Explicit weights file/folder of the extractor")
-    ] = None,
+    features: FeaturesOption = DEFAULT_EXTRACTOR,
+    weights: WeightsOption = None,
     cells: Annotated[
         bool, typer.Option(help="Also compare cell-type proportions and nuclei density")
     ] = True,
@@ -184,9 +187,7 @@ def evaluate_rna(
     permutations: Annotated[
         int, typer.Option(help="Random pairings of the permutation test")
     ] = 1000,
-    cache_dir: Annotated[
-        Path | None, typer.Option(help="Feature cache folder (default $MUPAD_CACHE/features)")
-    ] = None,
+    cache_dir: CacheDirOption = None,
     seed: Annotated[int, typer.Option(help="Seed of generation (per spot) and statistics")] = 0,
     sampler: Sampler = SamplerKind.SDE,
     steps: Steps = 250,

@@ -36,7 +36,6 @@ own spot; that makes the test conservative, not optimistic.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mupad.applications.batch_generate import generate_records
+from mupad.applications.batch_generate import FolderLayout, generate_records, named_seed
 from mupad.applications.generation_model import GenerationModel
 from mupad.applications.prompts import PromptRecord
 from mupad.conditions import Modality
@@ -118,21 +117,7 @@ def read_spot_pairs(path: str | Path, max_spots: int | None = None) -> SpotPairs
 
 def spot_seed(seed: int, key: str) -> int:
     """A stable 63-bit seed per spot (independent of which other spots are evaluated)."""
-    digest = hashlib.sha256(f"{seed}:spot:{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
-
-
-@dataclasses.dataclass(frozen=True)
-class _SpotLayout:
-    """out/<spot id>/<k>.png with its regeneration sidecar."""
-
-    out: Path
-
-    def png(self, record: PromptRecord, index: int) -> Path:
-        return self.out / record.id / f"{index:04d}.png"
-
-    def sidecar(self, record: PromptRecord, index: int) -> Path | None:
-        return self.out / record.id / f"{index:04d}.json"
+    return named_seed(seed, f"spot:{key}")
 
 
 def spot_ids(count: int) -> list[str]:
@@ -172,7 +157,7 @@ def generate_spot_tiles(
         )
         for spot_id, key in zip(spot_ids(len(pairs)), pairs.keys)
     ]
-    layout = _SpotLayout(out)
+    layout = FolderLayout(out)  # out/spot<i>/<k>.png + the regeneration sidecar
     generate_records(
         model, records, sample_config, layout, modalities=(Modality.RNA,),
         overwrite=overwrite, progress=progress,
