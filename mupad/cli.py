@@ -21,7 +21,6 @@ from mupad.config import (
     LRScheduleKind,
     Objective,
     ParallelKind,
-    Precision,
     SampleConfig,
     SamplerKind,
     TeacherSource,
@@ -29,6 +28,7 @@ from mupad.config import (
     model_preset,
     model_preset_names,
 )
+from mupad.precision import PrecisionChoice, resolve_precision
 
 _DEMO = DemoConfig()
 
@@ -107,13 +107,9 @@ def demo(
 
 # Backbone overrides of a preset (shared by train and ablate): a shallower or narrower
 # SiT than the DiT family's sizes, e.g. for a CPU budget.
-HiddenSizeOption = Annotated[
-    int | None, typer.Option(help="Override the preset's hidden width")
-]
+HiddenSizeOption = Annotated[int | None, typer.Option(help="Override the preset's hidden width")]
 DepthOption = Annotated[int | None, typer.Option(help="Override the preset's number of blocks")]
-NumHeadsOption = Annotated[
-    int | None, typer.Option(help="Override the preset's attention heads")
-]
+NumHeadsOption = Annotated[int | None, typer.Option(help="Override the preset's attention heads")]
 
 
 def _backbone(hidden_size: int | None, depth: int | None, num_heads: int | None) -> dict:
@@ -178,7 +174,10 @@ def train(
     weight_decay: float = 0.0,
     grad_clip: Annotated[float, typer.Option(help="Max gradient norm; 0 disables")] = 1.0,
     ema_decay: float = 0.9999,
-    precision: Precision = Precision.BF16,
+    precision: Annotated[
+        PrecisionChoice,
+        typer.Option(help="auto: bf16 autocast where the hardware has native bf16, else fp32"),
+    ] = PrecisionChoice.AUTO,
     condition_dropout: float = 0.1,
     max_nonfinite_steps: Annotated[
         int, typer.Option(help="NaN/Inf steps skipped before training stops")
@@ -227,7 +226,7 @@ def train(
         weight_decay=weight_decay,
         grad_clip=grad_clip,
         ema_decay=ema_decay,
-        precision=precision,
+        precision=resolve_precision(precision, device),
         condition_dropout=condition_dropout,
         log_every=log_every,
         checkpoint_every=checkpoint_every,
@@ -341,7 +340,10 @@ def ablate(
     weight_decay: float = 0.0,
     grad_clip: Annotated[float, typer.Option(help="Max gradient norm; 0 disables")] = 1.0,
     ema_decay: float = 0.9999,
-    precision: Precision = Precision.BF16,
+    precision: Annotated[
+        PrecisionChoice,
+        typer.Option(help="auto: bf16 autocast where the hardware has native bf16, else fp32"),
+    ] = PrecisionChoice.AUTO,
     condition_dropout: float = 0.1,
     latents: Annotated[
         str, typer.Option(help="VAE the shards were prepared with (recorded in checkpoints)")
@@ -368,7 +370,7 @@ def ablate(
         weight_decay=weight_decay,
         grad_clip=grad_clip,
         ema_decay=ema_decay,
-        precision=precision,
+        precision=resolve_precision(precision, device),
         condition_dropout=condition_dropout,
         checkpoint_every=eval_every,
         keep_checkpoints=keep_checkpoints,

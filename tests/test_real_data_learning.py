@@ -7,9 +7,10 @@ The trained model must beat both its own initialisation and the best data-blind 
 import torch
 
 from mupad.conditions import Conditions, ConditionStream
-from mupad.config import ModelConfig, Precision, TrainConfig
+from mupad.config import ModelConfig, TrainConfig
 from mupad.data.tiles import TileSet, bundled_kather_dir, load_tile_folder, random_crops
 from mupad.models import SiT
+from mupad.precision import resolve_precision
 from mupad.training.loop import TrainBatch, Trainer
 from mupad.transport.losses import make_noisy_batch, velocity_loss
 
@@ -50,7 +51,7 @@ def test_small_model_learns_real_he_tiles(tmp_path):
     blind = velocity_loss(-images.mean(0, keepdim=True).expand_as(images), noisy.target).mean().item()
     before = held_out_loss()
     config = TrainConfig(steps=80, batch_size=16, learning_rate=2e-3, warmup_steps=10,
-                         precision=Precision.BF16, checkpoint_every=80, ema_decay=0.99)
+                         precision=resolve_precision("auto"), checkpoint_every=80, ema_decay=0.99)
     Trainer(model, config, tmp_path, batches, progress=False).train()
     after = held_out_loss()
     assert after < 0.6 * before, (before, after)

@@ -25,7 +25,6 @@ from mupad.config import (
     DemoConfig,
     GuidanceConfig,
     ModelConfig,
-    Precision,
     SampleConfig,
     SamplerKind,
     TrainConfig,
@@ -34,6 +33,7 @@ from mupad.config import (
 from mupad.data.tiles import bundled_kather_dir, random_crops, to_uint8
 from mupad.evaluation.pixel_stats import class_consistency, sliced_wasserstein_rgb
 from mupad.models import SiT
+from mupad.precision import PrecisionChoice, resolve_precision
 from mupad.training.checkpoint import latest_checkpoint
 from mupad.training.loop import read_log
 
@@ -72,7 +72,7 @@ def demo_train_config(settings: DemoConfig) -> TrainConfig:
         warmup_steps=100,
         grad_clip=1.0,
         ema_decay=0.999,
-        precision=Precision.BF16,
+        precision=resolve_precision(PrecisionChoice.AUTO),
         condition_dropout=0.1,
         seed=settings.seed,
         log_every=10,

@@ -22,10 +22,11 @@ from mupad.applications.ff2ffpe import (
     InjectionMode,
 )
 from mupad.conditioning.base import EncoderError
-from mupad.config import ConfigError, Precision, SamplerKind, TrainConfig
+from mupad.config import ConfigError, SamplerKind, TrainConfig
 from mupad.data.tiles import TileFolderError
 from mupad.latents import LatentsError
 from mupad.models.errors import CheckpointError
+from mupad.precision import PrecisionChoice, resolve_precision
 from mupad.training.checkpoint import ResumeError
 
 ffpe_app = typer.Typer(
@@ -75,7 +76,10 @@ def finetune(
     condition_dropout: Annotated[
         float, typer.Option(help="Text dropout (for classifier-free guidance)")
     ] = 0.1,
-    precision: Precision = Precision.BF16,
+    precision: Annotated[
+        PrecisionChoice,
+        typer.Option(help="auto: bf16 autocast where the hardware has native bf16, else fp32"),
+    ] = PrecisionChoice.AUTO,
     checkpoint_every: int = 500,
     seed: int = 0,
     device: Annotated[str, typer.Option(help="auto (a GPU when present), cpu, cuda")] = "auto",
@@ -88,7 +92,8 @@ def finetune(
     try:
         config = TrainConfig(
             steps=steps, batch_size=batch_size, learning_rate=lr, warmup_steps=warmup_steps,
-            ema_decay=ema_decay, condition_dropout=condition_dropout, precision=precision,
+            ema_decay=ema_decay, condition_dropout=condition_dropout,
+            precision=resolve_precision(precision, device),
             checkpoint_every=checkpoint_every, seed=seed,
         )  # fmt: skip
         dist = distributed.from_environment(device)

@@ -33,13 +33,13 @@ from mupad.config import (
     ConfigError,
     GuidanceConfig,
     GuidanceScheduleKind,
-    Precision,
     SampleConfig,
     SamplerKind,
     TrainConfig,
 )
 from mupad.latents import LatentsError
 from mupad.models.errors import CheckpointError
+from mupad.precision import PrecisionChoice, resolve_precision
 from mupad.training.checkpoint import ResumeError
 
 mif_app = typer.Typer(
@@ -122,7 +122,10 @@ def train(
     lr: float = 1e-4,
     warmup_steps: int = 0,
     ema_decay: float = 0.9999,
-    precision: Precision = Precision.BF16,
+    precision: Annotated[
+        PrecisionChoice,
+        typer.Option(help="auto: bf16 autocast where the hardware has native bf16, else fp32"),
+    ] = PrecisionChoice.AUTO,
     condition_dropout: Annotated[
         float, typer.Option(help="Drop rate of the H&E patch embeddings (enables guidance)")
     ] = 0.1,
@@ -145,7 +148,8 @@ def train(
         unit, scales = normalize_intensities(folder.mif, normalize, percentile)
         config = TrainConfig(
             steps=steps, batch_size=batch_size, learning_rate=lr, warmup_steps=warmup_steps,
-            ema_decay=ema_decay, precision=precision, condition_dropout=condition_dropout,
+            ema_decay=ema_decay, precision=resolve_precision(precision, device),
+            condition_dropout=condition_dropout,
             grad_accumulation=grad_accumulation, checkpoint_every=checkpoint_every, seed=seed,
         )  # fmt: skip
         result = train_mif(

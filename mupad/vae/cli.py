@@ -9,8 +9,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from mupad.config import Precision
 from mupad.data.tiles import TileFolderError, load_image_tiles
+from mupad.precision import PrecisionChoice, resolve_precision
 from mupad.vae.config import VAEConfigError, VAETrainConfig
 from mupad.vae.model import vae_preset_names
 
@@ -47,7 +47,10 @@ def train(
     ] = _DEFAULT.kl_weight,
     mse_weight: Annotated[float, typer.Option(help="MSE weight added to L1")] = _DEFAULT.mse_weight,
     ema_decay: Annotated[float, typer.Option(help="EMA decay; 0 = off")] = _DEFAULT.ema_decay,
-    precision: Precision = _DEFAULT.precision,
+    precision: Annotated[
+        PrecisionChoice,
+        typer.Option(help="auto: bf16 autocast where the hardware has native bf16, else fp32"),
+    ] = PrecisionChoice.AUTO,
     eval_every: Annotated[
         int, typer.Option(help="Held-out PSNR/SSIM every N steps; 0 = end only")
     ] = _DEFAULT.eval_every,
@@ -68,7 +71,7 @@ def train(
             kl_weight=kl_weight,
             mse_weight=mse_weight,
             ema_decay=ema_decay,
-            precision=precision,
+            precision=resolve_precision(precision),  # the device train_vae picks: auto
             eval_every=eval_every,
             checkpoint_every=checkpoint_every,
             seed=seed,
