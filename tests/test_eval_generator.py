@@ -115,6 +115,9 @@ def test_all_checkpoints_give_one_entry_each_a_plot_and_an_honest_classifier(
     # The reference points order as they must: noise is far worse than blurring.
     reference = sections["Reference points"]["metrics"]
     assert reference["fid_real_vs_noise"]["value"] > 5 * reference["fid_real_vs_blurred"]["value"]
+    # Held-out tiles of the same classes sit far closer to the training tiles than noise does.
+    assert reference["kid_real_vs_train"]["value"] < reference["kid_real_vs_noise"]["value"] / 3
+    assert reference["fid_real_vs_train"]["n"] == [4 * len(CLASSES), TRAIN_PER_CLASS * len(CLASSES)]
 
     # Real data: the colour classifier fitted on the training tiles recognises held-out real
     # tiles far above chance (8 classes: 12.5 %), so it can judge conditioning.

@@ -11,7 +11,8 @@ For every chosen checkpoint of RUN (EMA weights when the checkpoint has them, as
 (--captions, else the captions the run recorded). Reported per checkpoint:
 
 - FID and KID (bootstrap 95 % intervals) of the generated tiles vs the held-out real tiles,
-  beside two reference points computed once: real vs uniform noise, real vs blurred real;
+  beside three reference points computed once: real vs uniform noise, real vs blurred
+  real, and real held-out vs real training tiles (the floor for a model of TRAIN);
 - conditioning fidelity: a logistic-regression classifier fitted on TRAIN's features labels
   each generated tile; its accuracy against the class the tile was asked for, with the
   chance level 1/#classes and the same classifier's accuracy on the held-out real tiles
@@ -193,7 +194,7 @@ def _over_training_plot(
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for axis, metric in zip(axes[:2], ("fid", "kid")):
         _errorbar(axis, steps, [r[metric] for r in results], "generated vs held-out")
-        for anchor, style in (("noise", ":"), ("blurred", "--")):
+        for anchor, style in (("noise", ":"), ("blurred", "--"), ("train", "-.")):
             reference = references[f"{metric}_real_vs_{anchor}"]
             axis.axhline(reference.value, linestyle=style, color="grey", label=f"real vs {anchor}")
         if metric == "fid" and all(r["fid"].value > 0 for r in results):
@@ -431,6 +432,12 @@ def evaluate_generator(
         }  # fmt: skip
         out.mkdir(parents=True, exist_ok=True)
         references = reference_points(real_set, real_features, extractor, settings)
+        # The floor: the real training tiles are what a generator that memorised its data
+        # would produce, so no model trained on them is expected to score below this.
+        references.update(
+            {f"{metric}_real_vs_train": value
+             for metric, value in fid_and_kid(real_features, train_features, settings).items()}
+        )  # fmt: skip
         sections, results, described = [], [], []
         for ref in refs:
             model = first if ref == refs[-1] else load(ref)
@@ -470,6 +477,11 @@ def evaluate_generator(
                     (
                         "real vs blurred: held-out real tiles against themselves blurred "
                         f"(Gaussian, sigma {blur_sigma} px)."
+                    ),
+                    (
+                        "real vs train: held-out real tiles against the real training tiles "
+                        f"({len(train_set)}), the floor a generator of the training "
+                        "distribution can reach."
                     ),
                 ),
             ),
