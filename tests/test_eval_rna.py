@@ -20,6 +20,7 @@ from mupad.evaluation.cli import evaluate_app
 from mupad.evaluation.spot_matching import (
     cell_distances,
     feature_distances,
+    nearest_expression_patches,
     read_spot_pairs,
     spot_matching,
 )
@@ -130,20 +131,54 @@ def test_cell_distances_pool_generated_nuclei_and_leave_out_empty_spots():
 # ------------------------------------------------------------ held-out pairs
 
 
-def write_pairs(root: Path, count: int, seed: int = 0) -> Path:
+def write_pairs(
+    root: Path,
+    count: int,
+    seed: int = 0,
+    tiles: list[Path] | None = None,
+    scores=None,
+    name: str = "pairs_val.csv",
+) -> Path:
     """A paired-files CSV: bundled tiles as spot patches, random pathway scores."""
-    tiles = sorted(bundled_kather_dir().rglob("*.png"))[::12][:count]
+    tiles = tiles or sorted(bundled_kather_dir().rglob("*.png"))[::12][:count]
     rng = np.random.default_rng(seed)
-    scores = rng.normal(size=(count, PATHWAYS))
+    scores = rng.normal(size=(count, PATHWAYS)) if scores is None else scores
     table = pd.DataFrame(
         {
             "image": [str(p) for p in tiles],
             **{f"rna_{k:03d}": scores[:, k] for k in range(PATHWAYS)},
         }
     )
-    path = root / "pairs_val.csv"
+    path = root / name
     table.to_csv(path, index=False)
     return path
+
+
+def write_reference_copies(root: Path, heldout: Path) -> Path:
+    """Training pairs holding a pixel copy of every held-out patch (under another name) with
+    scores near its spot's, shuffled, among as many unrelated spots with far-off scores."""
+    pairs = pd.read_csv(heldout)
+    scores = pairs[[c for c in pairs.columns if c.startswith("rna_")]].to_numpy()
+    copies = root / "train_patches"
+    copies.mkdir()
+    tiles = []
+    for i, source in enumerate(pairs["image"]):
+        tiles.append(copies / f"copy{i}.png")
+        tiles[-1].write_bytes(Path(source).read_bytes())
+    unrelated = sorted(bundled_kather_dir().rglob("*.png"))[5::12][: len(tiles)]
+    order = np.random.default_rng(3).permutation(2 * len(tiles))
+    rng = np.random.default_rng(4)
+    all_scores = np.concatenate(
+        [scores + 0.01 * rng.normal(size=scores.shape), 50.0 + rng.normal(size=scores.shape)]
+    )
+    all_tiles = tiles + unrelated
+    return write_pairs(
+        root,
+        len(order),
+        tiles=[all_tiles[i] for i in order],
+        scores=all_scores[order],
+        name="pairs_train.csv",
+    )
 
 
 def test_pairs_reader_keeps_order_and_names_what_is_wrong(tmp_path):
@@ -169,6 +204,21 @@ def test_pairs_reader_keeps_order_and_names_what_is_wrong(tmp_path):
         read_spot_pairs(tmp_path / "gone2.csv")
     with pytest.raises(EvaluationError, match="does not exist"):
         read_spot_pairs(tmp_path / "absent.csv")
+
+
+def test_nearest_expression_patches_pick_the_training_spot_with_the_closest_scores(tmp_path):
+    heldout_csv = write_pairs(tmp_path, 5)
+    heldout = read_spot_pairs(heldout_csv)
+    reference = read_spot_pairs(write_reference_copies(tmp_path, heldout_csv))
+    picked = nearest_expression_patches(heldout, reference)
+    assert [p.name for p in picked] == [f"copy{i}.png" for i in range(5)]
+
+    with pytest.raises(EvaluationError, match="disjoint"):
+        nearest_expression_patches(heldout, heldout)
+    renamed = read_spot_pairs(heldout_csv)
+    renamed.scores.columns = [f"rna_other{k}" for k in range(PATHWAYS)]
+    with pytest.raises(EvaluationError, match="share no rna_"):
+        nearest_expression_patches(heldout, renamed)
 
 
 # ------------------------------------------------------------ the command
@@ -219,6 +269,23 @@ def test_command_writes_matching_metrics_figures_and_reuses_its_samples(tmp_path
     assert {p: p.stat().st_mtime_ns for p in pngs} == before  # same request: reused
     summary = json.loads(again.stdout.strip().splitlines()[-1])
     assert summary["features"]["win_rate"]["value"] == win["value"]  # same samples, same score
+
+
+def test_command_scores_the_nearest_expression_reference_arm(tmp_path):
+    model_dir = tiny_model(rna_dim=16, rna_pathways=PATHWAYS).save_pretrained(tmp_path / "sit")
+    pairs = write_pairs(tmp_path, 6)
+    reference = write_reference_copies(tmp_path, pairs)
+    result = evaluate(model_dir, pairs, tmp_path / "eval", "--reference-pairs", reference)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    flat = {k: v for s in metrics["sections"].values() for k, v in s["metrics"].items()}
+    # The reference retrieves a pixel copy of each spot's own patch: distance 0, every win.
+    assert flat["nearest_expression_features_matched_distance"]["value"] == pytest.approx(0.0)
+    assert flat["nearest_expression_features_win_rate"]["value"] == 1.0
+    assert flat["nearest_expression_density_win_rate"]["value"] >= 0.5
+    assert "features_win_rate" in flat  # the generator's arm is still there, unprefixed
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["nearest_expression"]["features"]["top1_retrieval"]["value"] == 1.0
 
 
 def test_command_refuses_a_model_without_an_rna_stream(tmp_path):

@@ -1,7 +1,8 @@
 """`mupad evaluate rna`: does an RNA/ST-conditioned model draw each spot's own tissue?
 
     mupad evaluate rna --checkpoint RUN --pairs HELDOUT_PAIRS.csv --out OUT [--per-spot 2]
-        [--max-spots N] [--features inception] [--mpp 2.0] [--cell-model classical]
+        [--max-spots N] [--reference-pairs TRAIN_PAIRS.csv] [--features inception]
+        [--mpp 2.0] [--cell-model classical]
         [--no-cells] [--top-k 1,5] [--bootstrap 25] [--permutations 1000] [--seed 0]
         [--steps 250 --sampler sde --guidance-start 2.5 ...]
 
@@ -11,7 +12,10 @@ model's pathway order). Every spot gets `--per-spot` patches generated from its 
 alone; each representation (image features; cell-type proportions and nuclei density at
 `--mpp` µm/px) gives a spot x spot distance matrix, scored by
 `mupad.evaluation.spot_matching.spot_matching`: own-spot vs other-spot distance, the win
-rate (chance 0.5), top-k retrieval (chance k / N) and a permutation test.
+rate (chance 0.5), top-k retrieval (chance k / N) and a permutation test. With
+--reference-pairs (the training spots' CSV), each held-out spot is also given the real
+training patch of the spot with the nearest pathway scores and scored the same way: what
+expression reveals of a spot's look with no generator at all, the yardstick for the model.
 
 Writes OUT/metrics.json, OUT/report.html, OUT/pairs.png (real patches above, generated
 below, for the first spots), OUT/distances.png and OUT/generated/spot<i>/<k>.png + sidecars.
@@ -72,6 +76,7 @@ from mupad.evaluation.spot_matching import (
     describe_matching,
     feature_distances,
     generate_spot_tiles,
+    nearest_expression_patches,
     read_spot_pairs,
     spot_ids,
     spot_matching,
@@ -144,6 +149,71 @@ def _section(
     return ReportSection(title=title, metrics=result.metrics(prefix), notes=notes)
 
 
+def _features_label(extractor_name: str) -> str:
+    return f"{extractor_name} features (cosine)"
+
+
+def _match(
+    candidates: ImageSet,
+    per_spot: int,
+    context: dict[str, Any],
+    title: str,
+    prefix: str,
+) -> tuple[list[ReportSection], dict[str, np.ndarray], dict[str, Any]]:
+    """Spot matching of candidate patches (`per_spot` per held-out spot, in spot order)
+    against the real patches, by image features and, when `context` holds a cell-type
+    model, nuclei density and cell-type proportions: report sections (metric names start
+    with `prefix`, titles with `title`), the distance matrices and a JSON summary."""
+    extractor, stats = context["extractor"], context["stats"]
+    features = cached_features(
+        candidates, extractor, context["cache"], progress=context["progress"]
+    )
+    feature_matrix = feature_distances(features, context["real_features"], per_spot)
+    by_features = spot_matching(feature_matrix, **stats)
+    sections = [
+        _section(
+            f"{title}Image features ({extractor.name}, cosine distance)",
+            by_features,
+            f"{prefix}features_",
+            (extractor.description,),
+        )
+    ]
+    matrices = {_features_label(extractor.name): feature_matrix}
+    summary: dict[str, Any] = {"features": describe_matching(by_features)}
+    cell_type_model = context.get("cell_type_model")
+    if cell_type_model is None:
+        return sections, matrices, summary
+    distances = cell_distances(
+        profile_images(candidates.images, cell_type_model), context["real_profile"], per_spot
+    )
+    by_density = spot_matching(distances.density, **stats)
+    density_note = (
+        "Distance |log(1 + nuclei per mm² candidate) - log(1 + nuclei per mm² real)|; "
+        f"mean nuclei per patch: candidate {distances.generated_nuclei.mean():.1f}, "
+        f"real {distances.real_nuclei.mean():.1f}."
+    )
+    sections.append(
+        _section(f"{title}Nuclei density", by_density, f"{prefix}density_", (density_note,))
+    )
+    matrices["nuclei density"] = distances.density
+    summary["density"] = describe_matching(by_density)
+    if len(distances.kept) >= 2:
+        by_types = spot_matching(distances.proportions, **stats)
+        types_note = (
+            "Total-variation distance of the nucleus type proportions; "
+            f"{len(candidates) // per_spot - len(distances.kept)} spot(s) left out because "
+            "their real or candidate patches hold no nucleus."
+        )
+        sections.append(
+            _section(
+                f"{title}Cell-type proportions", by_types, f"{prefix}celltypes_", (types_note,)
+            )
+        )
+        matrices["cell-type proportions (TV)"] = distances.proportions
+        summary["celltypes"] = describe_matching(by_types)
+    return sections, matrices, summary
+
+
 def _spot_table(pairs: SpotPairs, seed: int, per_spot_distance: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame(
         {
@@ -171,6 +241,13 @@ def evaluate_rna(
     per_spot: Annotated[int, typer.Option(help="Generated patches per spot")] = 2,
     max_spots: Annotated[
         int | None, typer.Option(help="Evaluate only the first N spots of the CSV")
+    ] = None,
+    reference_pairs: Annotated[
+        Path | None,
+        typer.Option(
+            help="Training spots' paired-files CSV: adds the nearest-expression training "
+            "patch (no generator) as a reference arm"
+        ),
     ] = None,
     features: FeaturesOption = DEFAULT_EXTRACTOR,
     weights: WeightsOption = None,
@@ -224,12 +301,22 @@ def evaluate_rna(
         )  # fmt: skip
         extractor = feature_extractor(features, weights, device=model.device)
         cache = cache_dir or default_cache_dir()
-        real_features, generated_features = (
-            cached_features(s, extractor, cache, progress=progress) for s in (real, generated)
-        )
-        feature_matrix = feature_distances(generated_features, real_features, per_spot)
-        stats = {"iterations": bootstrap, "permutation_draws": permutations, "seed": seed}
-        by_features = spot_matching(feature_matrix, top_k=ks, **stats)
+        context: dict[str, Any] = {
+            "extractor": extractor, "cache": cache, "progress": progress,
+            "real_features": cached_features(real, extractor, cache, progress=progress),
+            "stats": {"top_k": ks, "iterations": bootstrap, "permutation_draws": permutations,
+                      "seed": seed},
+        }  # fmt: skip
+        if cells:
+            pixel_mpp = mpp if mpp is not None else model.model_mpp
+            if pixel_mpp is None:
+                raise EvaluationError(
+                    "the model recorded no µm/px, and nuclei sizes need one; pass --mpp (the "
+                    "patches' µm/px) or --no-cells"
+                )
+            cell_type_model = build_cell_type_model(cell_model, mpp=pixel_mpp)
+            context["cell_type_model"] = cell_type_model
+            context["real_profile"] = profile_images(real.images, cell_type_model)
         setup_source = (
             f"Held-out spots from {pairs}; each generated patch is conditioned on its spot's "
             "pathway scores only."
@@ -251,49 +338,34 @@ def evaluate_rna(
                 },
                 notes=(setup_source, setup_method),
             ),
-            _section(
-                f"Image features ({extractor.name}, cosine distance)",
-                by_features,
-                "features_",
-                (extractor.description,),
-            ),
         ]
-        matrices = {f"{extractor.name} features (cosine)": feature_matrix}
-        cell_summary: dict[str, Any] = {}
-        if cells:
-            pixel_mpp = mpp if mpp is not None else model.model_mpp
-            if pixel_mpp is None:
-                raise EvaluationError(
-                    "the model recorded no µm/px, and nuclei sizes need one; pass --mpp (the "
-                    "patches' µm/px) or --no-cells"
-                )
-            cell_type_model = build_cell_type_model(cell_model, mpp=pixel_mpp)
-            distances = cell_distances(
-                profile_images(generated.images, cell_type_model),
-                profile_images(real.images, cell_type_model),
-                per_spot,
+        generated_sections, matrices, summary = _match(generated, per_spot, context, "", "")
+        sections += generated_sections
+        if reference_pairs is not None:
+            retrieved = load_image_set(
+                nearest_expression_patches(spot_pairs, read_spot_pairs(reference_pairs)),
+                model.tile_px,
+                what="nearest-expression reference patches",
             )
-            by_density = spot_matching(distances.density, top_k=ks, **stats)
-            density_note = (
-                "Distance |log(1 + nuclei per mm² generated) - log(1 + nuclei per mm² real)|; "
-                f"mean nuclei per patch: generated {distances.generated_nuclei.mean():.1f}, "
-                f"real {distances.real_nuclei.mean():.1f}."
+            reference_sections, _, summary["nearest_expression"] = _match(
+                retrieved, 1, context, "Reference, nearest-expression training patch: ",
+                "nearest_expression_",
+            )  # fmt: skip
+            sections.append(
+                ReportSection(
+                    title="Reference: nearest-expression training patch (no generator)",
+                    notes=(
+                        (
+                            f"Each held-out spot is given the real patch of the spot of "
+                            f"{reference_pairs} whose z-scored pathway scores are nearest; "
+                            "scored like the generated patches, it is what expression alone "
+                            "reveals of a spot's look to a retrieval, the yardstick for the "
+                            "win rates above."
+                        ),
+                    ),
+                )
             )
-            sections.append(_section("Nuclei density", by_density, "density_", (density_note,)))
-            matrices["nuclei density"] = distances.density
-            cell_summary["density"] = describe_matching(by_density)
-            if len(distances.kept) >= 2:
-                by_types = spot_matching(distances.proportions, top_k=ks, **stats)
-                types_note = (
-                    "Total-variation distance of the nucleus type proportions; "
-                    f"{len(spot_pairs) - len(distances.kept)} spot(s) left out because their "
-                    "real or generated patches hold no nucleus."
-                )
-                sections.append(
-                    _section("Cell-type proportions", by_types, "celltypes_", (types_note,))
-                )
-                matrices["cell-type proportions (TV)"] = distances.proportions
-                cell_summary["celltypes"] = describe_matching(by_types)
+            sections += reference_sections
         figures = [
             _pairs_figure(real, generated, per_spot, out),
             _distances_figure(matrices, out),
@@ -302,11 +374,12 @@ def evaluate_rna(
             ReportSection(
                 title="Spots",
                 figures=figures,
-                table=_spot_table(spot_pairs, seed, feature_matrix),
+                table=_spot_table(spot_pairs, seed, matrices[_features_label(extractor.name)]),
             )
         )
         config = {
             "checkpoint": checkpoint.resolve(), "pairs": pairs.resolve(), "per_spot": per_spot,
+            "reference_pairs": reference_pairs.resolve() if reference_pairs else None,
             "max_spots": max_spots, "features": features, "weights": weights, "cells": cells,
             "mpp": mpp, "cell_model": cell_model, "top_k": ks, "bootstrap": bootstrap,
             "permutations": permutations, "seed": seed, "sample_config": to_dict(sample_config),
@@ -321,11 +394,15 @@ def evaluate_rna(
         )
     except (EvaluationError, CellTypeError, *input_errors()) as error:
         raise fail(error) from error
-    summary = {"features": describe_matching(by_features), **cell_summary}
-    console.print(
-        f"features: own {by_features.matched}, others {by_features.other}, "
-        f"win rate {by_features.win_rate} (chance 0.5), p = {by_features.permutation_p:.4f}"
-    )
+    for arm, label in (("features", "generated"), ("nearest_expression", "nearest-expression")):
+        if arm in summary:
+            numbers = summary[arm] if arm == "features" else summary[arm]["features"]
+            console.print(
+                f"{label} (image features): own {numbers['matched_distance']['value']:.4f}, "
+                f"others {numbers['other_spots_distance']['value']:.4f}, win rate "
+                f"{numbers['win_rate']['value']:.3f} (chance 0.5), "
+                f"p = {numbers['permutation_p']:.4f}"
+            )
     console.print(f"[green]wrote[/green] {metrics_path} and {report_path}")
     typer.echo(json.dumps({"out": str(out), **summary}))
 

@@ -115,6 +115,37 @@ def read_spot_pairs(path: str | Path, max_spots: int | None = None) -> SpotPairs
     return SpotPairs(keys=keys, images=images, scores=scores)
 
 
+def nearest_expression_patches(heldout: SpotPairs, reference: SpotPairs) -> tuple[Path, ...]:
+    """Per held-out spot, the real patch of the reference (training) spot whose pathway scores
+    are nearest: Euclidean distance over the pathways both tables hold, each z-scored with
+    the reference spots' mean and std (a missing score sits at the mean). Scored like a
+    generator's patches, these say how much of a spot's look its expression alone gives away
+    to a retrieval with no generative model, the yardstick for the generator's win rate."""
+    shared = [c for c in heldout.scores.columns if c in reference.scores.columns]
+    if not shared:
+        raise EvaluationError(
+            "the reference pairs share no rna_* column with the held-out pairs; both must hold "
+            "scores of the same pathways"
+        )
+    leaked = set(heldout.images) & set(reference.images)
+    if leaked:
+        raise EvaluationError(
+            f"{len(leaked)} held-out patch(es) (e.g. {min(leaked)}) are also reference "
+            "spots; the reference must be the training spots, disjoint from the held-out ones"
+        )
+    ref = reference.scores[shared].to_numpy(dtype=np.float64)  # (M, P)
+    held = heldout.scores[shared].to_numpy(dtype=np.float64)  # (N, P)
+    mean = np.nanmean(ref, axis=0)
+    std = np.nanstd(ref, axis=0)
+    std[~np.isfinite(std) | (std == 0)] = 1.0
+    mean[~np.isfinite(mean)] = 0.0
+    z_ref = np.nan_to_num((ref - mean) / std)
+    z_held = np.nan_to_num((held - mean) / std)
+    squared = (z_held**2).sum(1)[:, None] - 2.0 * z_held @ z_ref.T + (z_ref**2).sum(1)[None, :]
+    nearest = np.argmin(squared, axis=1)  # (N,)
+    return tuple(reference.images[i] for i in nearest)
+
+
 def spot_seed(seed: int, key: str) -> int:
     """A stable 63-bit seed per spot (independent of which other spots are evaluated)."""
     return named_seed(seed, f"spot:{key}")
@@ -348,6 +379,7 @@ __all__ = [
     "describe_matching",
     "feature_distances",
     "generate_spot_tiles",
+    "nearest_expression_patches",
     "read_spot_pairs",
     "spot_ids",
     "spot_matching",
