@@ -318,6 +318,13 @@ def ablate(
     eval_records: Annotated[int, typer.Option(help="Held-out records scored")] = 256,
     eval_batch_size: Annotated[int, typer.Option(help="Batch of the held-out evaluation")] = 64,
     eval_seed: Annotated[int, typer.Option(help="Seed of the held-out t and noise")] = 0,
+    metrics: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated held-out metrics: velocity_mse, velocity_mse_<text|image|"
+            "rna>_only (that condition alone), velocity_mse_unconditional"
+        ),
+    ] = "velocity_mse",
     conditions: Annotated[
         str | None,
         typer.Option(
@@ -355,13 +362,18 @@ def ablate(
 ) -> None:
     """Ablations: train every arm on the same data, seed and steps; score held-out velocity
     MSE (raw and EMA weights) every --eval-every steps; write ablation.{jsonl,csv,md,png}."""
-    from mupad.applications.ablate import ArmSet, run_ablation
+    from mupad.applications.ablate import AblationError, ArmSet, resolve_metrics, run_ablation
     from mupad.config import ConfigError, parse_enum
 
     try:
         arm_set = parse_enum(ArmSet, arms)
     except ConfigError as error:
         raise typer.BadParameter(str(error), param_hint="--arms") from None
+    metric_names = [name.strip() for name in metrics.split(",") if name.strip()]
+    try:
+        resolve_metrics(metric_names)
+    except AblationError as error:
+        raise typer.BadParameter(str(error), param_hint="--metrics") from None
     train_config = TrainConfig(
         steps=steps,
         batch_size=batch_size,
@@ -395,6 +407,7 @@ def ablate(
         eval_records=eval_records,
         eval_batch_size=eval_batch_size,
         eval_seed=eval_seed,
+        metrics=metric_names,
         modalities=_parse_conditions(conditions),
         latents=None if latents == "identity" else latents,
         text_encoder=text_encoder,

@@ -302,6 +302,57 @@ def test_heldout_set_is_fixed_and_batching_does_not_change_the_metric(objectives
         evaluate_checkpoint(checkpoint, plain, metrics)
 
 
+def test_modality_subset_metrics_drop_the_other_streams(objectives, data, tmp_path):
+    schema = ShardedDataset(data["train"]).schema
+    options = {"eval_records": 6, "use_latents": True, "cls_alignment": None, "seed": 0,
+               "batch_size": 4, "device": torch.device("cpu")}  # fmt: skip
+    both = build_eval_set(data["val"], schema, modalities=None, **options)
+    text = build_eval_set(data["val"], schema, modalities=["text"], **options)
+    bare = build_eval_set(data["val"], schema, modalities=[], **options)
+    assert bare.cond is None
+    model = ablate.load_weights(checkpoint_dir(objectives.out / "sit", 4), "ema", both.device)
+    metric = {m.name: m.fn for m in resolve_metrics(
+        ["velocity_mse", "velocity_mse_text_only", "velocity_mse_image_only",
+         "velocity_mse_unconditional"]
+    )}  # fmt: skip
+    values = {name: fn(model, both) for name, fn in metric.items()}
+    # Text alone on the text+image set = the full metric on a set that only holds text; no
+    # stream at all = the model run without conditions (decoupled gates at 0 are exact).
+    assert values["velocity_mse_text_only"] == pytest.approx(
+        metric["velocity_mse"](model, text), rel=1e-6
+    )
+    assert values["velocity_mse_unconditional"] == pytest.approx(
+        metric["velocity_mse"](model, bare), rel=1e-6
+    )
+    assert len({round(v, 9) for v in values.values()}) == 4  # each subset is another input
+    with pytest.raises(AblationError, match="needs the image condition"):
+        metric["velocity_mse_image_only"](model, text)
+    with pytest.raises(AblationError, match="needs the image condition"):  # before training
+        ablation(data["train"], data["val"], tmp_path / "no", modalities=["text"],
+                 metrics=["velocity_mse_image_only"])  # fmt: skip
+    assert not (tmp_path / "no").exists()
+
+    # Added to a finished run, the new metrics are scored on its checkpoints, no retraining.
+    import shutil
+
+    out = tmp_path / "more"
+    shutil.copytree(objectives.out, out)
+    sit = [a for a in ARM_SETS[ArmSet.OBJECTIVES] if a.name == "sit"]
+    more = ablation(
+        data["train"], data["val"], out, arms=sit,
+        metrics=["velocity_mse", "velocity_mse_unconditional"],
+    )  # fmt: skip
+    last = next(r for r in reversed(more.records) if (r["arm"], r["step"]) == ("sit", 4))
+    old = next(r for r in objectives.records if (r["arm"], r["step"]) == ("sit", 4))
+    assert last["metrics"]["velocity_mse_ema"] == old["metrics"]["velocity_mse_ema"]
+    assert last["metrics"]["velocity_mse_unconditional_ema"] == pytest.approx(
+        values["velocity_mse_unconditional"], rel=1e-6
+    )
+    assert last["train_s"] == old["train_s"]
+    markdown = (out / "ablation.md").read_text()
+    assert "## velocity_mse_unconditional_ema (lower is better)" in markdown
+
+
 def test_ablate_command(data, tmp_path):
     out = tmp_path / "cli"
     args = [
@@ -319,6 +370,8 @@ def test_ablate_command(data, tmp_path):
     assert shared["cross_attention"] == "shared" and shared["image_dim"] == 0
     bad = CliRunner().invoke(app, [*args[:8], "everything", *args[9:]])
     assert bad.exit_code != 0
+    unknown = CliRunner().invoke(app, [*args, "--metrics", "velocity_mse,fid"])
+    assert unknown.exit_code != 0 and "unknown metric" in unknown.output
 
 
 def test_train_backbone_options_override_the_preset(data, tmp_path):

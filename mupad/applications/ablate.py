@@ -34,7 +34,10 @@ input (pure-noise CLS would be a state the model never saw at that t).
 
 Metrics live in a small registry (`METRICS`, name -> Metric(fn(model, eval_set) -> float));
 each is computed for the raw and the EMA weights and recorded as "<name>_raw" / "<name>_ema".
-Only the held-out velocity MSE exists today; a sample-based metric (FID) registers the same way.
+Registered: velocity_mse (every condition the set holds), velocity_mse_<modality>_only (that
+condition alone, the others marked absent) and velocity_mse_unconditional (none); a
+sample-based metric (FID) registers the same way. Metrics added to a finished run are
+computed on its checkpoints (an error names any the run has pruned).
 
 Outputs in `out/`:
 
@@ -75,7 +78,7 @@ from mupad.applications.train_shards import (
     teacher_for_shards,
     train_on_shards,
 )
-from mupad.conditions import Conditions
+from mupad.conditions import Conditions, Modality
 from mupad.config import (
     AlignmentConfig,
     CrossAttentionKind,
@@ -332,18 +335,36 @@ class Metric:
     fn: MetricFn  # (model in eval mode, fp32, on eval_set.device; held-out set) -> value
     lower_is_better: bool = True
     description: str = ""
+    requires: Modality | None = None  # a condition the held-out set must hold
 
 
 METRICS: dict[str, Metric] = {}
 
 
 def register_metric(
-    name: str, fn: MetricFn, *, lower_is_better: bool = True, description: str = ""
+    name: str,
+    fn: MetricFn,
+    *,
+    lower_is_better: bool = True,
+    description: str = "",
+    requires: Modality | None = None,
 ) -> Metric:
     """Add a held-out metric (e.g. FID of samples) under `name`; returns it."""
-    metric = Metric(name, fn, lower_is_better, description)
+    metric = Metric(name, fn, lower_is_better, description, requires)
     METRICS[name] = metric
     return metric
+
+
+def check_metric_inputs(metrics: Sequence[Metric], eval_set: EvalSet) -> None:
+    """Refuse, before any training, a metric whose condition the held-out set lacks."""
+    have = set() if eval_set.cond is None else set(eval_set.cond.streams)
+    for metric in metrics:
+        if metric.requires is not None and metric.requires not in have:
+            names = ", ".join(sorted(m.value for m in have)) or "none"
+            raise AblationError(
+                f"metric {metric.name} needs the {metric.requires.value} condition, but the "
+                f"held-out set's condition streams are: {names} (see --conditions)"
+            )
 
 
 def resolve_metrics(names: Sequence[str]) -> tuple[Metric, ...]:
@@ -386,6 +407,39 @@ register_metric(
     "velocity_mse",
     heldout_velocity_mse,
     description="held-out image velocity MSE at fixed t and noise",
+)
+
+
+def _velocity_mse_keeping(kept: Modality | None, name: str) -> MetricFn:
+    """The held-out velocity MSE with every condition stream but `kept` marked absent (None:
+    all absent, the unconditional model): how each arm copes when modalities go missing at
+    inference, the situation decoupled streams are built for."""
+
+    def metric(model: SiT, eval_set: EvalSet) -> float:
+        check_metric_inputs([METRICS[name]], eval_set)
+        cond = eval_set.cond
+        if cond is None:
+            return heldout_velocity_mse(model, eval_set)
+        dropped = [m for m in cond.streams if m is not kept]
+        return heldout_velocity_mse(
+            model, dataclasses.replace(eval_set, cond=cond.without(dropped))
+        )
+
+    return metric
+
+
+for _modality in Modality:
+    _name = f"velocity_mse_{_modality.value}_only"
+    register_metric(
+        _name,
+        _velocity_mse_keeping(_modality, _name),
+        description=f"held-out velocity MSE with the {_modality.value} condition alone",
+        requires=_modality,
+    )
+register_metric(
+    "velocity_mse_unconditional",
+    _velocity_mse_keeping(None, "velocity_mse_unconditional"),
+    description="held-out velocity MSE with every condition marked absent",
 )
 
 
@@ -681,6 +735,7 @@ def run_ablation(
         batch_size=eval_batch_size,
         device=run_device,
     )
+    check_metric_inputs(chosen, eval_set)
     out.mkdir(parents=True, exist_ok=True)
     settings = {
         "train_shards": str(train_shards),
