@@ -8,7 +8,9 @@
 #               real training tiles per class, with vs without 4 generated variations of each
 #               shot, 5 seeds, tested on the held-out tiles;
 #   ablation/   decoupled vs shared cross-attention (text + image streams), the same backbone,
-#               data, seed and steps, scored by held-out velocity MSE.
+#               data, seed and steps, scored by held-out velocity MSE with both conditions,
+#               each alone, and none.
+# CHECKPOINTS=1000,2000 scores only those checkpoints (default: every kept one).
 # Sampling: Euler ODE, 50 steps, guidance annealed 2.5 -> 0 (the 250-step SDE costs 5x more on
 # a CPU; SAMPLER=sde STEPS=250 for the paper's). Re-running reuses what is done.
 #
@@ -19,7 +21,7 @@ BUNDLED=$(python -c "from mupad.data.tiles import bundled_kather_dir; print(bund
 SAMPLING=(--sampler "${SAMPLER:-euler}" --steps "${STEPS:-50}")
 
 mupad evaluate generator --checkpoint "$ROOT/model" --real "$ROOT/heldout" \
-    --train-real "$BUNDLED" --captions "$ROOT/captions.json" --checkpoints all \
+    --train-real "$BUNDLED" --captions "$ROOT/captions.json" --checkpoints "${CHECKPOINTS:-all}" \
     --per-class 16 --small-sample allow "${SAMPLING[@]}" --out "$ROOT/eval/generator"
 mupad augment --data "$BUNDLED" --checkpoint "$ROOT/model" --captions "$ROOT/captions.json" \
     --per-image 4 "${SAMPLING[@]}" --out "$ROOT/eval/augment"
@@ -28,6 +30,7 @@ mupad evaluate fewshot --train "$BUNDLED" --test "$ROOT/heldout" \
     --out "$ROOT/eval/fewshot"
 mupad ablate --shards "$ROOT/shards_train" --val-shards "$ROOT/shards_heldout" \
     --out "$ROOT/ablation" --arms attention --conditions text,image --preset S/8 \
-    --hidden-size 256 --depth 6 --num-heads 4 --steps "${ABLATION_STEPS:-400}" \
+    --hidden-size 256 --depth 6 --num-heads 4 --steps "${ABLATION_STEPS:-800}" \
     --eval-every 200 --eval-records 69 --batch-size 16 --lr 2e-4 --warmup-steps 100 \
-    --ema-decay 0.999 --precision fp32 --seed 0
+    --ema-decay 0.999 --precision fp32 --seed 0 \
+    --metrics velocity_mse,velocity_mse_text_only,velocity_mse_image_only,velocity_mse_unconditional
