@@ -9,7 +9,8 @@
 #               shot, 5 seeds, tested on the held-out tiles;
 #   ablation/   decoupled vs shared cross-attention (text + image streams), the same backbone,
 #               data, seed and steps, scored by held-out velocity MSE with both conditions,
-#               each alone, and none.
+#               each alone, and none;
+#   ablation_objectives/  the sit, repa and MUPAD objectives on the same setting, scored alike.
 # CHECKPOINTS=1000,2000 scores only those checkpoints (default: every kept one).
 # Sampling: Euler ODE, 50 steps, guidance annealed 2.5 -> 0 (the 250-step SDE costs 5x more on
 # a CPU; SAMPLER=sde STEPS=250 for the paper's). Re-running reuses what is done.
@@ -28,9 +29,14 @@ mupad augment --data "$BUNDLED" --checkpoint "$ROOT/model" --captions "$ROOT/cap
 mupad evaluate fewshot --train "$BUNDLED" --test "$ROOT/heldout" \
     --augmented "$ROOT/eval/augment" --shots 5,10 --seeds 5 --epochs 50 --size 32 \
     --out "$ROOT/eval/fewshot"
-mupad ablate --shards "$ROOT/shards_train" --val-shards "$ROOT/shards_heldout" \
-    --out "$ROOT/ablation" --arms attention --conditions text,image --preset S/8 \
-    --hidden-size 256 --depth 6 --num-heads 4 --steps "${ABLATION_STEPS:-800}" \
-    --eval-every 200 --eval-records 69 --batch-size 16 --lr 2e-4 --warmup-steps 100 \
-    --ema-decay 0.999 --precision fp32 --seed 0 \
-    --metrics velocity_mse,velocity_mse_text_only,velocity_mse_image_only,velocity_mse_unconditional
+for arms in attention objectives; do
+    # attention: decoupled vs shared, 800 steps; objectives: sit, repa, MUPAD, 400 steps.
+    steps=$([ "$arms" = attention ] && echo "${ABLATION_STEPS:-800}" || echo "${OBJECTIVES_STEPS:-400}")
+    out=$([ "$arms" = attention ] && echo "$ROOT/ablation" || echo "$ROOT/ablation_objectives")
+    mupad ablate --shards "$ROOT/shards_train" --val-shards "$ROOT/shards_heldout" \
+        --out "$out" --arms "$arms" --conditions text,image --preset S/8 \
+        --hidden-size 256 --depth 6 --num-heads 4 --steps "$steps" \
+        --eval-every 200 --eval-records 69 --batch-size 16 --lr 2e-4 --warmup-steps 100 \
+        --ema-decay 0.999 --precision fp32 --seed 0 \
+        --metrics velocity_mse,velocity_mse_text_only,velocity_mse_image_only,velocity_mse_unconditional
+done
