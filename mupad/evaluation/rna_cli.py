@@ -394,15 +394,15 @@ def evaluate_rna(
         )
     except (EvaluationError, CellTypeError, *input_errors()) as error:
         raise fail(error) from error
-    for arm, label in (("features", "generated"), ("nearest_expression", "nearest-expression")):
-        if arm in summary:
-            numbers = summary[arm] if arm == "features" else summary[arm]["features"]
-            console.print(
-                f"{label} (image features): own {numbers['matched_distance']['value']:.4f}, "
-                f"others {numbers['other_spots_distance']['value']:.4f}, win rate "
-                f"{numbers['win_rate']['value']:.3f} (chance 0.5), "
-                f"p = {numbers['permutation_p']:.4f}"
-            )
+    by_features = {"generated": summary["features"]}
+    if "nearest_expression" in summary:
+        by_features["nearest-expression"] = summary["nearest_expression"]["features"]
+    for label, numbers in by_features.items():
+        console.print(
+            f"{label} (image features): own {numbers['matched_distance']['value']:.4f}, "
+            f"others {numbers['other_spots_distance']['value']:.4f}, win rate "
+            f"{numbers['win_rate']['value']:.3f} (chance 0.5), p = {numbers['permutation_p']:.4f}"
+        )
     console.print(f"[green]wrote[/green] {metrics_path} and {report_path}")
     typer.echo(json.dumps({"out": str(out), **summary}))
 

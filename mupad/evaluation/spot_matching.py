@@ -46,6 +46,8 @@ import pandas as pd
 from mupad.applications.batch_generate import FolderLayout, generate_records, named_seed
 from mupad.applications.generation_model import GenerationModel
 from mupad.applications.prompts import PromptRecord
+from mupad.conditioning.base import EncoderError
+from mupad.conditioning.rna import ScoreStandardiser
 from mupad.conditions import Modality
 from mupad.config import SampleConfig
 from mupad.evaluation.celltypes import CellTypeProfile
@@ -117,10 +119,10 @@ def read_spot_pairs(path: str | Path, max_spots: int | None = None) -> SpotPairs
 
 def nearest_expression_patches(heldout: SpotPairs, reference: SpotPairs) -> tuple[Path, ...]:
     """Per held-out spot, the real patch of the reference (training) spot whose pathway scores
-    are nearest: Euclidean distance over the pathways both tables hold, each z-scored with
-    the reference spots' mean and std (a missing score sits at the mean). Scored like a
-    generator's patches, these say how much of a spot's look its expression alone gives away
-    to a retrieval with no generative model, the yardstick for the generator's win rate."""
+    are nearest: Euclidean distance over the pathways both tables hold, standardised with the
+    reference spots' `ScoreStandardiser` (a missing held-out score sits at the mean). Scored
+    like a generator's patches, these say how much of a spot's look its expression alone
+    gives away to a retrieval with no generative model, the yardstick for the generator."""
     shared = [c for c in heldout.scores.columns if c in reference.scores.columns]
     if not shared:
         raise EvaluationError(
@@ -133,14 +135,14 @@ def nearest_expression_patches(heldout: SpotPairs, reference: SpotPairs) -> tupl
             f"{len(leaked)} held-out patch(es) (e.g. {min(leaked)}) are also reference "
             "spots; the reference must be the training spots, disjoint from the held-out ones"
         )
-    ref = reference.scores[shared].to_numpy(dtype=np.float64)  # (M, P)
-    held = heldout.scores[shared].to_numpy(dtype=np.float64)  # (N, P)
-    mean = np.nanmean(ref, axis=0)
-    std = np.nanstd(ref, axis=0)
-    std[~np.isfinite(std) | (std == 0)] = 1.0
-    mean[~np.isfinite(mean)] = 0.0
-    z_ref = np.nan_to_num((ref - mean) / std)
-    z_held = np.nan_to_num((held - mean) / std)
+    try:
+        standardiser = ScoreStandardiser.fit(reference.scores[shared])
+    except EncoderError as error:
+        raise EvaluationError(f"reference pairs: {error}") from None
+    z_ref = standardiser.transform(reference.scores[shared].to_numpy(dtype=np.float64))  # (M, P)
+    z_held = np.nan_to_num(
+        standardiser.transform(heldout.scores[shared].to_numpy(dtype=np.float64))
+    )  # (N, P)
     squared = (z_held**2).sum(1)[:, None] - 2.0 * z_held @ z_ref.T + (z_ref**2).sum(1)[None, :]
     nearest = np.argmin(squared, axis=1)  # (N,)
     return tuple(reference.images[i] for i in nearest)
