@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import tifffile
 from PIL import Image
 
 from mupad.data import prepare as prepare_module
@@ -326,3 +327,110 @@ def test_cli_command(tile_dir, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert PrepareSummary.read(out).tiles_total == 12
+
+
+# ---------------------------------------------------------------- issue 15: slides as TIFFs
+def _tissue_level0(height: int = 768, width: int = 896) -> np.ndarray:
+    """White glass around a pink textured 'tissue' block -> uint8 (h, w, 3)."""
+    rng = np.random.default_rng(1)
+    image = np.full((height, width, 3), 255, dtype=np.uint8)
+    block = rng.integers(0, 60, (height // 2, width // 2, 3), dtype=np.uint8)
+    image[height // 4 : height // 4 + height // 2, width // 4 : width // 4 + width // 2] = (
+        block + np.array([170, 60, 130], dtype=np.uint8)
+    )
+    return image
+
+
+@pytest.fixture
+def translated_slides(tmp_path) -> Path:
+    """A folder with the project's own `wsi translate` outputs: an OME-TIFF and a generic
+    tiled TIFF pyramid (both 0.5 µm/px)."""
+    from mupad.applications.wsi import IdentityTranslator, translate_slide
+    from mupad.data.wsi.write import write_pyramidal_tiff
+
+    source = tmp_path / "source.tif"
+    write_pyramidal_tiff(source, _tissue_level0(), mpp=0.5, num_levels=2, tile_size_px=128)
+    root = tmp_path / "slides"
+    root.mkdir()
+    translator = IdentityTranslator(tile_size=128, batch_size=4)
+    for name in ("a.ome.tif", "b.tif"):
+        translate_slide(source, translator, root / name, overlap=16, progress=False)
+    return root
+
+
+def test_tiff_slides_are_tiled_not_squashed(translated_slides, tmp_path):
+    """Issue 15: a folder of (OME-)TIFF pyramids was read as a tile folder, one squashed
+    tile per slide."""
+    from mupad.data.prepare_sources import SourceKind, detect_kind
+
+    assert detect_kind(translated_slides) is SourceKind.SLIDES
+    out = tmp_path / "out"
+    summary = prepare_dataset(translated_slides, out, _config(tile_size=64, target_mpp=1.0))
+    assert summary.written == ["a.ome", "b"]
+    records = _records(out)
+    # 384 x 448 px of tissue at 0.5 µm/px = 192 x 224 µm -> 3 x 3 tiles of 64 µm per slide.
+    per_slide = Counter(r["slide_id"] for r in records)
+    assert len(per_slide) == 2 and all(n >= 4 for n in per_slide.values()), per_slide
+    assert all(r["mpp"] == 1.0 and r["x"] is not None for r in records)
+
+
+def test_single_slide_file_as_input(translated_slides, tmp_path):
+    out = tmp_path / "one"
+    summary = prepare_dataset(
+        translated_slides / "a.ome.tif", out, _config(tile_size=64, target_mpp=1.0)
+    )
+    assert summary.written == ["a.ome"] and summary.tiles_total >= 4  # as in a folder
+    assert len({r["slide_id"] for r in _records(out)}) == 1
+
+
+@pytest.mark.skipif(not SHARED_SLIDE.is_file(), reason=f"shared CC0 slide missing: {SHARED_SLIDE}")
+def test_single_svs_file_as_input(tmp_path):
+    summary = prepare_dataset(SHARED_SLIDE, tmp_path / "out", _config(tile_size=64, target_mpp=4.0))
+    assert summary.written == ["cmu_small_region"] and summary.tiles_total > 1
+
+
+def test_small_tiff_tiles_stay_tiles(tmp_path):
+    """Stripped TIFF tiles (Kather-style) are not mistaken for slides."""
+    from mupad.data.prepare_sources import SourceKind, detect_kind
+
+    root = tmp_path / "tifs" / "TUMOR"
+    root.mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(_tissue_level0(150, 150)).save(root / f"t{i}.tif")
+    assert detect_kind(root.parent) is SourceKind.TILES
+
+
+def test_nothing_prepared_is_an_error_naming_slide_mpp(tmp_path):
+    """Issue 15: every source failing exited 0; the missing-mpp hint named --mpp."""
+    from mupad.data.prepare import NothingPreparedError
+
+    root = tmp_path / "slides"
+    root.mkdir()
+    source = root / "no_mpp.tif"
+    tifffile.imwrite(source, _tissue_level0(), tile=(128, 128), photometric="rgb")
+    with pytest.raises(NothingPreparedError, match="--slide-mpp") as caught:
+        prepare_dataset(root, tmp_path / "out", _config(tile_size=64))
+    message = str(caught.value)
+    assert "nothing was prepared" in message and str(source) in message
+    assert "--mpp " not in message
+    assert (tmp_path / "out" / "summary.json").is_file()
+    # With the setting given, the same input works.
+    summary = prepare_dataset(root, tmp_path / "out", _config(tile_size=64, slide_mpp=0.5))
+    assert summary.tiles_total > 0
+
+
+def test_cli_exits_nonzero_when_nothing_prepared(tmp_path):
+    from typer.testing import CliRunner
+
+    from mupad.cli import app
+
+    root = tmp_path / "tiles" / "A"
+    root.mkdir(parents=True)
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    result = CliRunner().invoke(
+        app, ["prepare", str(root.parent), str(tmp_path / "out"), "--no-progress"]
+    )
+    assert result.exit_code != 0
+    assert "nothing was prepared" in result.output or "nothing was prepared" in str(
+        result.exception
+    )

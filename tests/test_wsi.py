@@ -282,7 +282,7 @@ def test_plain_png(tmp_path: Path) -> None:
         assert len(plan_tiles(slide, tile_size=64, target_mpp=0.5, min_tissue=0.4)) == 24
         coord, tile = next(iter_tiles(slide, tile_size=64, target_mpp=0.5, progress=True))
         np.testing.assert_array_equal(tile, level0[coord.y : coord.y + 64, coord.x : coord.x + 64])
-    with pytest.raises(MissingMppError, match="--mpp"):
+    with pytest.raises(MissingMppError, match="--slide-mpp"):
         open_slide(path)
 
 
@@ -297,7 +297,7 @@ def test_her2st_section_jpeg() -> None:
         assert 50 < len(coords) < (slide.width // 512) * (slide.height // 512)
         tile = read_tile(slide, coords[len(coords) // 2], 256)
         assert tile.shape == (256, 256, 3) and saturation(tile) > 30
-    with pytest.raises(MissingMppError, match="--mpp"):
+    with pytest.raises(MissingMppError, match="--slide-mpp"):
         open_slide(path)
 
 
@@ -333,7 +333,7 @@ def test_missing_file_is_a_slide_error(tmp_path: Path) -> None:
 def test_missing_mpp_asks_for_it(tmp_path: Path) -> None:
     path = tmp_path / "nores.tif"
     write_pyramidal_tiff(path, synthetic_level0(256, 256), mpp=None, num_levels=2, tile_size_px=64)
-    with pytest.raises(MissingMppError, match="--mpp"):
+    with pytest.raises(MissingMppError, match="--slide-mpp"):
         open_slide(path)
     with open_slide(path, mpp=0.5) as slide:
         assert slide.mpp == 0.5
@@ -345,7 +345,7 @@ def test_missing_mpp_asks_for_it(tmp_path: Path) -> None:
         resolution=(72, 72),
         resolutionunit="INCH",
     )
-    with pytest.raises(MissingMppError, match="--mpp"):
+    with pytest.raises(MissingMppError, match="--slide-mpp"):
         open_slide(dpi72)
     with pytest.raises(SlideError, match="positive"):
         open_slide(path, mpp=-1.0)

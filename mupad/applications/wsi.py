@@ -720,9 +720,8 @@ def _open(path: str | Path, slide_mpp: float | None) -> Slide:
         return open_slide(path, mpp=slide_mpp)
     except MissingMppError as err:
         raise MissingMppError(
-            f"{err}. For a whole-slide translation pass the slide's µm/px with --slide-mpp "
-            "(translate_slide(..., slide_mpp=...)): it decides how the slide is resampled to "
-            "the translator's resolution"
+            f"{err}; for a whole-slide translation it decides how the slide is resampled to "
+            "the translator's resolution (translate_slide(..., slide_mpp=...))"
         ) from err
 
 

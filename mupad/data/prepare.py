@@ -82,6 +82,7 @@ LATENT_SPACE = (
 
 __all__ = [
     "CorruptInputError",
+    "NothingPreparedError",
     "PrepareConfig",
     "PrepareError",
     "PrepareSummary",
@@ -571,12 +572,36 @@ def prepare_dataset(
             atomic_write_text(out / SUMMARY_NAME, summary.to_json())
             _log_summary(summary)
         _barrier(env, device)
-        return PrepareSummary.read(out)
+        summary = PrepareSummary.read(out)
+        if summary.tiles_total == 0:
+            raise NothingPreparedError(_nothing_prepared(input_path, out, summary))
+        return summary
     finally:
         if started:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+class NothingPreparedError(PrepareError):
+    """Every source failed or held no tiles: the run wrote no records."""
+
+
+def _nothing_prepared(input_path: str | Path, out: Path, summary: PrepareSummary) -> str:
+    parts = [f"nothing was prepared from {input_path}: {summary.sources} source(s)"]
+    if summary.failed:
+        first = summary.failed[0]
+        parts.append(
+            f"{len(summary.failed)} failed (first: {first['path']}: {first['reason']})"
+        )
+    if summary.empty:
+        parts.append(
+            f"{len(summary.empty)} without tiles (first: {summary.empty[0]['source_id']}: "
+            f"{summary.empty[0]['reason']}; lower --min-tissue for slides with little tissue)"
+        )
+    if summary.corrupt_count:
+        parts.append(f"{summary.corrupt_count} unreadable inputs")
+    return "; ".join(parts) + f"; details in {out / SUMMARY_NAME}"
 
 
 def _merge(

@@ -3,9 +3,11 @@
 Every input becomes a sorted list of `Source`s, the unit of work, of resumption and of
 distribution over ranks (`sources[rank::world_size]`):
 
-  slides   every file under the folder whose suffix is in `mupad.data.wsi.SLIDE_SUFFIXES`
-           (recursively); one source per slide, id = its relative path without suffix
-           ("/" -> "__", "-" -> "_"), tiled on tissue later.
+  slides   one slide file, or every file under the folder whose suffix is in
+           `mupad.data.wsi.SLIDE_SUFFIXES` (recursively); one source per slide, id = its
+           relative path without suffix ("/" -> "__", "-" -> "_"), tiled on tissue later.
+           A folder is slides when it holds a slide-only format or a TIFF that is a slide
+           (pyramidal, tiled, OME or large: `mupad.data.wsi.looks_like_slide`).
   tiles    an ImageFolder layout `root/<class_name>/<tile>.png|jpg|tif...`; label = the
            class's index in sorted order, caption = `captions[<class>/<file>]`, else
            `captions[<class>]`, else the class name. Images directly in `root` get label -1.
@@ -115,19 +117,42 @@ def safe_id(text: str) -> str:
 
 
 def detect_kind(path: Path) -> SourceKind:
-    """csv file -> paired; a folder holding slide-only files (.svs, .ndpi...) -> slides;
+    """csv file -> paired; one slide or image file -> slides; a folder holding a slide (a
+    slide-only format such as .svs/.ndpi, or a pyramidal/tiled/large/OME TIFF) -> slides;
     any other folder -> tiles."""
     if path.is_file():
         if path.suffix.lower() == ".csv":
             return SourceKind.PAIRED
+        if path.suffix.lower() in _slide_suffixes():
+            return SourceKind.SLIDES
         raise PrepareError(
-            f"{path} is a file but not a .csv manifest; pass a folder of slides or tiles, or a "
-            f"CSV with columns {', '.join(PAIRED_COLUMNS)}"
+            f"{path} is neither a slide ({', '.join(sorted(_slide_suffixes()))}) nor a .csv "
+            f"manifest; pass a slide, a folder of slides or tiles, or a CSV with columns "
+            f"{', '.join(PAIRED_COLUMNS)}"
         )
+    files = [p for p in path.rglob("*") if p.is_file()]
     slide_only = _slide_suffixes() - IMAGE_SUFFIXES
-    if any(p.suffix.lower() in slide_only for p in path.rglob("*") if p.is_file()):
+    if any(p.suffix.lower() in slide_only for p in files):
+        return SourceKind.SLIDES
+    if any(_looks_like_slide(p) for p in _largest_tiffs(files)):
         return SourceKind.SLIDES
     return SourceKind.TILES
+
+
+# TIFFs opened to tell slides from tiles: the largest files only (a slide is far bigger
+# than a tile), so that a folder of 100k TIFF tiles is not opened file by file.
+TIFFS_CHECKED = 3
+
+
+def _largest_tiffs(files: list[Path]) -> list[Path]:
+    tiffs = [p for p in files if p.suffix.lower() in (".tif", ".tiff")]
+    return sorted(tiffs, key=lambda p: p.stat().st_size, reverse=True)[:TIFFS_CHECKED]
+
+
+def _looks_like_slide(path: Path) -> bool:
+    from mupad.data.wsi import looks_like_slide
+
+    return looks_like_slide(path)
 
 
 def discover_sources(
@@ -167,9 +192,14 @@ def discover_sources(
 
 
 def _slide_sources(root: Path) -> list[Source]:
-    if not root.is_dir():
-        raise PrepareError(f"slide input {root} must be a folder of slides")
     suffixes = _slide_suffixes()
+    if root.is_file():
+        if root.suffix.lower() not in suffixes:
+            raise PrepareError(
+                f"{root} is not a slide ({', '.join(sorted(suffixes))}); pass a slide file or "
+                "a folder of slides"
+            )
+        return [Source(safe_id(Path(root.name).stem), SourceKind.SLIDES, root)]
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
     if not files:
         raise PrepareError(

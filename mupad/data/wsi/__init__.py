@@ -4,7 +4,7 @@
         for coord, tile in iter_tiles(slide, tile_size=256, target_mpp=0.5):
             ...                                       # tile: uint8 (256, 256, 3)
 
-Errors: SlideError (corrupt/unsupported; skip the slide), MissingMppError (pass --mpp),
+Errors: SlideError (corrupt/unsupported; skip the slide), MissingMppError (pass --slide-mpp),
 EmptyTissueError (nothing to tile), SlideBackendMissingError (install OpenSlide).
 """
 
@@ -14,7 +14,7 @@ from mupad.data.wsi.errors import (
     SlideBackendMissingError,
     SlideError,
 )
-from mupad.data.wsi.open import SLIDE_SUFFIXES, open_slide
+from mupad.data.wsi.open import SLIDE_SUFFIXES, looks_like_slide, open_slide
 from mupad.data.wsi.slide import Slide
 from mupad.data.wsi.tiling import TileCoord, iter_tiles, plan_tiles, read_tile, tile_size_level0
 from mupad.data.wsi.tissue import tissue_mask
@@ -28,6 +28,7 @@ __all__ = [
     "SlideError",
     "TileCoord",
     "iter_tiles",
+    "looks_like_slide",
     "open_slide",
     "plan_tiles",
     "read_tile",

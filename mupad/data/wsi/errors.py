@@ -12,7 +12,7 @@ class SlideError(ValueError):
 
 
 class MissingMppError(SlideError):
-    """The slide does not record its resolution (µm/px) and none was passed (--mpp)."""
+    """The slide does not record its resolution (µm/px) and none was passed (--slide-mpp)."""
 
 
 class EmptyTissueError(SlideError):

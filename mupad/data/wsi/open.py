@@ -58,3 +58,48 @@ def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
 
 def _is_ome(path: Path) -> bool:
     return path.name.lower().endswith((".ome.tif", ".ome.tiff"))
+
+
+# A TIFF with a side this long is a slide, not a tile, even without a pyramid.
+LARGE_TIFF_SIDE_PX = 4096
+
+
+def looks_like_slide(path: str | Path) -> bool:
+    """Whether `path` is a whole-slide image rather than a tile: a format only slide
+    scanners write (.svs, .ndpi, ...), a TIFF that is pyramidal, OME, tiled or at least
+    LARGE_TIFF_SIDE_PX on a side, or any file OpenSlide recognises as a slide.
+
+    Plain PNG/JPEG files are tiles here (they have no pyramid); an unreadable TIFF is not
+    a slide (it will fail, named, wherever it is read).
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in APERIO_SUFFIXES | OPENSLIDE_ONLY_SUFFIXES:
+        return True
+    if suffix not in TIFF_SUFFIXES or not path.is_file():
+        return False
+    if _tiff_is_slide(path):
+        return True
+    return detect_vendor(path) is not None
+
+
+def _tiff_is_slide(path: Path) -> bool:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if not tif.series:
+                return False
+            series = tif.series[0]
+            page = series.pages[0] if series.pages else None
+            if tif.is_ome or tif.is_svs or len(getattr(series, "levels", [])) > 1:
+                return True
+            if len(tif.pages) > 1 and tif.pages[1].shape[:2] < tif.pages[0].shape[:2]:
+                return True  # a pyramid of reduced top-level pages
+            if page is None:
+                return False
+            return bool(page.is_tiled) or max(page.imagewidth, page.imagelength) >= (
+                LARGE_TIFF_SIDE_PX
+            )
+    except (tifffile.TiffFileError, ValueError, OSError, IndexError, KeyError):
+        return False

@@ -45,8 +45,8 @@ def plausible_mpp(mpp: float | None) -> float | None:
 def missing_mpp_error(path: Path, looked_at: str) -> MissingMppError:
     return MissingMppError(
         f"{path}: the file does not record its resolution in µm per pixel (looked at "
-        f"{looked_at}); pass it with --mpp (e.g. --mpp 0.5 for a 20x scan, --mpp 0.25 for "
-        "40x), or open_slide(path, mpp=...) from Python"
+        f"{looked_at}); pass it with --slide-mpp (e.g. --slide-mpp 0.5 for a 20x scan, "
+        "--slide-mpp 0.25 for 40x), or open_slide(path, mpp=...) from Python"
     )
 
 
