@@ -204,6 +204,10 @@ def train(
         ),
     ] = False,
     seed: int = 0,
+    skip_bad_tiles: Annotated[
+        bool,
+        typer.Option(help="--data: leave out unreadable tiles (named) instead of stopping"),
+    ] = False,
 ) -> None:
     """Train on a labelled tile folder (class name -> caption) or on prepared shards.
 
@@ -279,6 +283,7 @@ def train(
                 text_encoder=text_encoder,
                 train_config=train_config,
                 dist=dist,
+                skip_bad_tiles=skip_bad_tiles,
             ).result
     finally:
         distributed.shutdown(dist)

@@ -144,3 +144,26 @@ def test_train_from_prepared_shards_and_input_choice(tmp_path):
         result = runner.invoke(app, ["train", "--out", str(tmp_path / "x"), *extra])
         assert result.exit_code != 0
         assert "exactly one of --data" in result.output
+
+
+def test_train_names_a_truncated_tile_before_step_1(tmp_path):
+    """Issue 15: one truncated PNG among the tiles killed training mid-run without its name."""
+    data = tmp_path / "tiles"
+    (data / "stroma").mkdir(parents=True)
+    for i in range(4):
+        Image.new("RGB", (24, 24), (230, 150, 200 - i)).save(data / "stroma" / f"{i}.png")
+    whole = (data / "stroma" / "3.png").read_bytes()
+    (data / "stroma" / "3.png").write_bytes(whole[: len(whole) // 2])  # truncated
+    run = tmp_path / "run"
+    args = ["train", "--data", str(data), "--out", str(run), "--preset", "tiny", "--crop", "16",
+            "--steps", "1", "--batch-size", "2", "--checkpoint-every", "1"]
+    refused = runner.invoke(app, args)
+    assert refused.exit_code != 0
+    said = refused.output + str(refused.exception)
+    assert "3.png" in said and "--skip-bad-tiles" in said
+    assert not (run / "checkpoints").exists()  # stopped before step 1
+
+    skipped = runner.invoke(app, [*args, "--skip-bad-tiles"])
+    assert skipped.exit_code == 0, skipped.output
+    state = json.loads((run / "checkpoints" / "step-0000001" / "train_state.json").read_text())
+    assert [p.endswith("3.png") for p in state["extra"]["skipped_tiles"]] == [True]

@@ -68,3 +68,19 @@ def test_class_consistency_of_real_tiles_beats_chance(tiles):
     assert score > 2 / 8
     shuffled = tiles.labels[::2][torch.randperm(48, generator=torch.Generator().manual_seed(0))]
     assert class_consistency(tiles.images[::2], shuffled, tiles.images[1::2], tiles.labels[1::2]) < score
+
+
+def test_unreadable_tiles_are_named_up_front_or_skipped(tmp_path):
+    """Issue 15: a truncated PNG is named before any training, or skipped when asked."""
+    from mupad.data.tiles import BadTilesError
+
+    (tmp_path / "a").mkdir()
+    for name in ("x.png", "y.png", "z.png"):
+        Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / "a" / name)
+    whole = (tmp_path / "a" / "y.png").read_bytes()
+    (tmp_path / "a" / "y.png").write_bytes(whole[:40])
+    with pytest.raises(BadTilesError, match=r"1 unreadable image.*y\.png.*--skip-bad-tiles"):
+        load_tile_folder(tmp_path)
+    tiles = load_tile_folder(tmp_path, skip_bad=True)
+    assert len(tiles) == 2 and [p.name for p in tiles.skipped] == ["y.png"]
+    assert [p.name for p in tiles.paths] == ["x.png", "z.png"]

@@ -79,15 +79,17 @@ def train_on_tile_folder(
     dist: DistContext | None = None,
     progress: bool = True,
     init_from: str | Path | None = None,
+    skip_bad_tiles: bool = False,
 ) -> TileRun:
     """Train a caption-conditioned SiT on `data/<class>/<tile>` crops; resumes if `out` has a run.
 
     `backbone` overrides the preset's hidden_size / depth / num_heads. `init_from` (a run, checkpoint or model folder) warm-starts a fresh run from those weights
     (its model config, with `sample_size` set to this crop); the optimizer, EMA and step start
     anew. Once `out` has a checkpoint of its own, the run resumes from it and `init_from`
-    only has to name the same weights.
+    only has to name the same weights. Unreadable tiles stop the run before step 1 with their
+    names, or with `skip_bad_tiles` are left out (named in a warning and the run's metadata).
     """
-    tiles = load_tile_folder(data)
+    tiles = load_tile_folder(data, skip_bad=skip_bad_tiles)
     captions = captions or {}
     texts = [captions.get(name, default_caption(name)) for name in tiles.class_names]
     encoder = get_encoder(text_encoder)
@@ -150,6 +152,8 @@ def train_on_tile_folder(
         "captions": texts,
         "crop": crop,
     }
+    if tiles.skipped:
+        metadata["skipped_tiles"] = [str(path) for path in tiles.skipped]
     if init_from is not None:
         metadata["init_from"] = str(init_from)
     trainer = Trainer(

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mupad.data.tiles import IMAGE_SUFFIXES
+from mupad.data.tiles import IMAGE_SUFFIXES, UnreadableTileError, open_rgb
 
 PAIRED_COLUMNS = {
     "image": "required: path of the image (absolute, or relative to the CSV's folder)",
@@ -344,11 +344,9 @@ def read_tile_image(path: Path, tile_size: int) -> np.ndarray:
     Raises CorruptInputError for a missing, truncated or undecodable file.
     """
     try:
-        with Image.open(path) as image:
-            image.load()  # decode now: truncated files fail here, not later
-            rgb = image.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise CorruptInputError(f"{type(exc).__name__}: {exc}") from exc
+        rgb = open_rgb(path)
+    except UnreadableTileError as exc:
+        raise CorruptInputError(exc.reason) from exc
     if rgb.size != (tile_size, tile_size):
         rgb = rgb.resize((tile_size, tile_size), Image.Resampling.BICUBIC)
     return np.asarray(rgb, dtype=np.uint8)

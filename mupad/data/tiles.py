@@ -6,6 +6,7 @@ small sets (demos, few-shot data); large sets go through sharded datasets.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -14,11 +15,46 @@ import numpy as np
 import torch
 from PIL import Image
 
+logger = logging.getLogger(__name__)
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+# Bad files named in an error message (the rest are counted).
+BAD_FILES_NAMED = 5
 
 
 class TileFolderError(ValueError):
     """A tile folder is missing, empty or holds unusable images."""
+
+
+class UnreadableTileError(TileFolderError):
+    """An image file cannot be decoded (truncated, corrupt or not an image)."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+class BadTilesError(TileFolderError):
+    """A tile folder holds unreadable images and skipping them was not asked for."""
+
+
+def open_rgb(path: Path) -> Image.Image:
+    """Decode an image file completely (truncated files fail here, not later) as RGB.
+
+    Raises UnreadableTileError naming the file.
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise UnreadableTileError(path, f"{type(exc).__name__}: {exc}") from exc
+
+
+def _name_bad_files(bad: list[UnreadableTileError]) -> str:
+    named = "; ".join(str(error) for error in bad[:BAD_FILES_NAMED])
+    more = f" and {len(bad) - BAD_FILES_NAMED} more" if len(bad) > BAD_FILES_NAMED else ""
+    return f"{named}{more}"
 
 
 @dataclass(frozen=True)
@@ -27,6 +63,7 @@ class TileSet:
     labels: torch.Tensor  # (N,) int64 index into class_names
     class_names: tuple[str, ...]
     paths: tuple[Path, ...]
+    skipped: tuple[Path, ...] = ()  # unreadable files left out (skip_bad=True)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -37,8 +74,14 @@ def bundled_kather_dir() -> Path:
     return Path(str(resources.files("mupad") / "assets" / "kather2016"))
 
 
-def load_tile_folder(root: str | Path, size: int | None = None) -> TileSet:
-    """Read every image of `root/<class>/`; all tiles must share one size (or pass `size`)."""
+def load_tile_folder(
+    root: str | Path, size: int | None = None, *, skip_bad: bool = False
+) -> TileSet:
+    """Read every image of `root/<class>/`; all tiles must share one size (or pass `size`).
+
+    Every file is decoded up front. Unreadable ones (truncated, corrupt) raise BadTilesError
+    naming them, or with `skip_bad` are left out, logged and listed in `TileSet.skipped`.
+    """
     root = Path(root)
     if not root.is_dir():
         raise TileFolderError(f"tile folder {root} does not exist")
@@ -48,19 +91,32 @@ def load_tile_folder(root: str | Path, size: int | None = None) -> TileSet:
             f"{root} has no class subfolders; expected root/<class_name>/<tile>.png"
         )
     images, labels, paths = [], [], []
+    bad: list[UnreadableTileError] = []
     for label, class_dir in enumerate(class_dirs):
         files = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         for path in files:
-            with Image.open(path) as image:
-                rgb = image.convert("RGB")
-                if size is not None and rgb.size != (size, size):
-                    rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
-                array = np.asarray(rgb, dtype=np.uint8)
+            try:
+                rgb = open_rgb(path)
+            except UnreadableTileError as error:
+                bad.append(error)
+                continue
+            if size is not None and rgb.size != (size, size):
+                rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
+            array = np.asarray(rgb, dtype=np.uint8)
             images.append(torch.from_numpy(array.copy()).permute(2, 0, 1))  # (3, H, W)
             labels.append(label)
             paths.append(path)
+    if bad and not skip_bad:
+        raise BadTilesError(
+            f"{len(bad)} unreadable image(s) in the tile folder {root}: {_name_bad_files(bad)}; "
+            "replace or remove them, or pass --skip-bad-tiles to train on the others"
+        )
+    if bad:
+        logger.warning("skipping %d unreadable tile(s): %s", len(bad), _name_bad_files(bad))
     if not images:
-        raise TileFolderError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
+        raise TileFolderError(
+            f"no readable images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}"
+        )
     shapes = {tuple(im.shape) for im in images}
     if len(shapes) > 1:
         raise TileFolderError(
@@ -71,6 +127,7 @@ def load_tile_folder(root: str | Path, size: int | None = None) -> TileSet:
         labels=torch.tensor(labels, dtype=torch.long),
         class_names=tuple(d.name for d in class_dirs),
         paths=tuple(paths),
+        skipped=tuple(error.path for error in bad),
     )
 
 
@@ -131,10 +188,7 @@ def load_image_tiles(root: str | Path, size: int | None = None) -> TileSet:
             f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}; put tiles in "
             "root/<tile>.png or root/<class_name>/<tile>.png"
         )
-    arrays = []
-    for path in files:
-        with Image.open(path) as image:
-            arrays.append(np.asarray(image.convert("RGB"), dtype=np.uint8))  # (H, W, 3)
+    arrays = [np.asarray(open_rgb(path), dtype=np.uint8) for path in files]  # (H, W, 3) each
     side = min(min(a.shape[:2]) for a in arrays) if size is None else size
     images = []
     for path, array in zip(files, arrays):
