@@ -25,6 +25,20 @@ class CrossAttentionKind(str, enum.Enum):
     NONE = "none"  # unconditional backbone
 
 
+class Prediction(str, enum.Enum):
+    """What the network's last layer predicts; the model always returns a velocity."""
+
+    VELOCITY = "velocity"  # the velocity eps - x0 directly (SiT)
+    DATA = "data"  # the clean image x0, turned into a velocity by `paths` (x-prediction)
+
+
+class TimeSampling(str, enum.Enum):
+    """How training draws t (0 = data, 1 = noise)."""
+
+    UNIFORM = "uniform"  # t ~ U[0, 1)
+    LOGIT_NORMAL = "logit_normal"  # t = sigmoid(N(location, scale^2))
+
+
 class Precision(str, enum.Enum):
     FP32 = "fp32"
     BF16 = "bf16"  # bf16 autocast with fp32 master weights
@@ -116,11 +130,23 @@ class ModelConfig:
     rna_pathways: int = 0
     cls_dim: int = 0  # width of the global (CLS) token; 0 means no CLS token
     sample_size: int = 32  # default spatial size used when sampling (not a restriction)
+    # VELOCITY: the last layer is the velocity. DATA: it is the clean image x0, and the
+    # velocity follows from paths.velocity_from_denoised (trained with the same velocity
+    # loss); clean images are smooth, so patches of them are easier targets in pixel space.
+    prediction: Prediction = Prediction.VELOCITY
+    # > 0: the patch embedding goes through this many features first (C*p*p -> r -> D), a
+    # low-rank bottleneck that keeps the tokens from spending width on per-pixel noise.
+    bottleneck_dim: int = 0
+    # > 0: the last layer emits this many feature channels per pixel, and two 3x3
+    # convolutions turn them into the output image, so neighbouring tokens' pixels are
+    # computed together and agree across token borders. 0: a linear unpatchify (SiT).
+    refine_channels: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(
             self, "cross_attention", parse_enum(CrossAttentionKind, self.cross_attention)
         )
+        object.__setattr__(self, "prediction", parse_enum(Prediction, self.prediction))
         if self.out_channels == 0:
             object.__setattr__(self, "out_channels", self.in_channels)
         for name in ("in_channels", "patch_size", "hidden_size", "depth", "num_heads"):
@@ -130,7 +156,10 @@ class ModelConfig:
             raise ConfigError(
                 f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
             )
-        for name in ("image_dim", "text_dim", "rna_dim", "rna_pathways", "cls_dim"):
+        for name in (
+            "image_dim", "text_dim", "rna_dim", "rna_pathways", "cls_dim", "bottleneck_dim",
+            "refine_channels",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"ModelConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.rna_pathways and not self.rna_dim:
@@ -141,6 +170,11 @@ class ModelConfig:
         if self.sample_size % self.patch_size:
             raise ConfigError(
                 f"sample_size {self.sample_size} is not a multiple of patch_size {self.patch_size}"
+            )
+        if self.prediction is Prediction.DATA and self.out_channels > self.in_channels:
+            raise ConfigError(
+                f"prediction='data' predicts the clean version of the first out_channels "
+                f"({self.out_channels}) input channels, but there are only {self.in_channels}"
             )
 
     @property
@@ -346,12 +380,18 @@ class TrainConfig:
     compile: bool = False  # torch.compile the training module
     parallel: ParallelKind = ParallelKind.DDP  # under torchrun with more than one process
     sample_every: int = 0  # write a sample grid every this many steps (0: never)
+    time_sampling: TimeSampling = TimeSampling.UNIFORM
+    time_location: float = 0.0  # LOGIT_NORMAL: mean of the normal (> 0 favours noisier t)
+    time_scale: float = 1.0  # LOGIT_NORMAL: its standard deviation
     alignment: AlignmentConfig = dataclasses.field(default_factory=AlignmentConfig)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "precision", parse_enum(Precision, self.precision))
         object.__setattr__(self, "lr_schedule", parse_enum(LRScheduleKind, self.lr_schedule))
         object.__setattr__(self, "parallel", parse_enum(ParallelKind, self.parallel))
+        object.__setattr__(self, "time_sampling", parse_enum(TimeSampling, self.time_sampling))
+        if self.time_scale <= 0:
+            raise ConfigError(f"time_scale must be > 0, got {self.time_scale}")
         if isinstance(self.alignment, dict):
             object.__setattr__(self, "alignment", AlignmentConfig(**self.alignment))
         if self.steps < 1 or self.batch_size < 1:
@@ -369,6 +409,13 @@ class TrainConfig:
             raise ConfigError(f"condition_dropout must be in [0, 1], got {self.condition_dropout}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+    @property
+    def logit_normal(self) -> tuple[float, float] | None:
+        """(location, scale) when training times are logit-normal, else None (uniform)."""
+        if self.time_sampling is TimeSampling.LOGIT_NORMAL:
+            return (self.time_location, self.time_scale)
+        return None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,11 +3,14 @@
 Per block: self-attention -> cross-attention (DCA or shared, if the model has conditions)
 -> MLP, each as a residual branch. Self-attention and MLP are modulated (shift, scale, gate)
 by the timestep embedding; the gates start at zero (adaLN-Zero), as do the final layer and
-the cross-attention output projections, so a freshly built model outputs exactly 0 and
-ignores its conditions until training moves it.
+the cross-attention output projections, so a freshly built model's last layer outputs
+exactly 0 (velocity 0, or clean image 0) and ignores its conditions until training moves it.
 
 Time follows `mupad.transport.paths`: t = 0 is data, t = 1 is noise, and the network
-predicts the velocity eps - x0 at (x_t, t).
+returns the velocity eps - x0 at (x_t, t). Its last layer predicts either that velocity or
+the clean image (`ModelConfig.prediction`), which `paths` turns into the velocity; either
+way the output goes through a linear unpatchify or a small convolutional head
+(`ModelConfig.refine_channels`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mupad.conditions import Conditions
-from mupad.config import ConfigError, CrossAttentionKind, ModelConfig, from_dict, save_json
+from mupad.config import (
+    ConfigError,
+    CrossAttentionKind,
+    ModelConfig,
+    Prediction,
+    from_dict,
+    save_json,
+)
 from mupad.fileio import atomic_directory
 from mupad.models.attention import (
     DecoupledCrossAttention,
@@ -36,6 +46,8 @@ from mupad.models.attention import (
 from mupad.models.embeddings import PositionEmbedding2D, TimestepEmbedder
 from mupad.models.errors import CheckpointError, ModelInputError
 from mupad.models.pathway_tokens import PathwayTokenizer
+from mupad.models.refine import RefineHead
+from mupad.transport import paths
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -136,7 +148,13 @@ class SiT(nn.Module):
             raise ConfigError(f"SiT needs a ModelConfig, got {type(config).__name__}")
         self.config = config
         dim, patch = config.hidden_size, config.patch_size
-        self.patch_embed = nn.Conv2d(config.in_channels, dim, kernel_size=patch, stride=patch)
+        embed_width = config.bottleneck_dim or dim
+        self.patch_embed = nn.Conv2d(
+            config.in_channels, embed_width, kernel_size=patch, stride=patch
+        )
+        # (C*p*p -> r -> D) when a bottleneck is configured; the two Linears compose to a
+        # rank-r patch embedding.
+        self.patch_expand = nn.Linear(embed_width, dim) if config.bottleneck_dim else None
         self.pos_embed = PositionEmbedding2D(dim)
         self.t_embed = TimestepEmbedder(dim)
         self.cls_embed = nn.Linear(config.cls_dim, dim) if config.cls_dim else None
@@ -153,7 +171,13 @@ class SiT(nn.Module):
         # Every block's adaLN Linear and the final layer's read the same SiLU(c), so they are
         # one Linear: one GEMM per forward instead of depth + 1 small ones.
         self.modulation = nn.Linear(dim, (_MODULATIONS_PER_BLOCK * config.depth + 2) * dim)
-        self.final_proj = nn.Linear(dim, patch * patch * config.out_channels)
+        head_channels = config.refine_channels or config.out_channels
+        self.final_proj = nn.Linear(dim, patch * patch * head_channels)
+        self.refine = (
+            RefineHead(config.refine_channels, config.out_channels)
+            if config.refine_channels
+            else None
+        )
         self.cls_head = nn.Linear(dim, config.cls_dim) if config.cls_dim else None
         # A runtime switch, not part of the config: it changes memory, not the maths.
         self.gradient_checkpointing = False
@@ -192,6 +216,11 @@ class SiT(nn.Module):
         for layer in zero:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        if self.refine is not None:
+            # Zero biases keep the output exactly 0 while final_proj is zero; the weights stay
+            # random, or no gradient would ever reach final_proj through the head.
+            for conv in (self.refine.mix, self.refine.out, self.refine.skip):
+                nn.init.zeros_(conv.bias)
 
     # ----------------------------------------------------------------------------------
     # Input checks
@@ -381,8 +410,15 @@ class SiT(nn.Module):
 
         shift, scale = modulation[:, -2:, None].unbind(1)  # each (B, 1, D)
         tokens = _modulate(F.layer_norm(tokens, (cfg.hidden_size,), eps=_LN_EPS), shift, scale)
-        patches = self.final_proj(tokens[:, num_prefix:])  # (B, N, p*p*C_out)
-        velocity = self._unpatchify(patches, grid_h, grid_w).to(x.dtype)
+        patches = self.final_proj(tokens[:, num_prefix:])  # (B, N, p*p*C_head)
+        output = self._unpatchify(patches, grid_h, grid_w)  # (B, C_head, H, W)
+        if self.refine is not None:
+            output = self.refine(output)  # (B, C_out, H, W)
+        if cfg.prediction is Prediction.DATA:
+            # The first C_out input channels are the noisy state (any others are context).
+            noisy = x[:, : cfg.out_channels].float()
+            output = paths.velocity_from_denoised(noisy, output.float(), t)
+        velocity = output.to(x.dtype)
         cls_velocity = None
         if self.cls_head is not None:
             cls_velocity = self.cls_head(tokens[:, 0]).to(cls_token.dtype)  # (B, cls_dim)
@@ -414,12 +450,16 @@ class SiT(nn.Module):
             batch, grid_h * grid_w, channels * p * p
         )
         weight = self.patch_embed.weight  # (D, C, p, p): flattened in the same (C, p, p) order
-        return F.linear(patches, weight.view(weight.shape[0], -1), self.patch_embed.bias)
+        tokens = F.linear(patches, weight.view(weight.shape[0], -1), self.patch_embed.bias)
+        if self.patch_expand is not None:
+            tokens = self.patch_expand(tokens)  # (B, N, r) -> (B, N, D)
+        return tokens
 
     def _unpatchify(self, patches: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
         """(B, h*w, p*p*C) -> (B, C, h*p, w*p); each token's features are ordered (p, p, C)."""
-        p, channels = self.config.patch_size, self.config.out_channels
+        p = self.config.patch_size
         batch = patches.shape[0]
+        channels = patches.shape[-1] // (p * p)
         x = patches.view(batch, grid_h, grid_w, p, p, channels)
         x = x.permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
         return x.reshape(batch, channels, grid_h * p, grid_w * p)

@@ -353,6 +353,7 @@ class Trainer:
             cls_dim=self.model.config.cls_dim,
             teacher=batch.teacher if self.alignment.uses_teacher else None,
             pixels=batch.pixels if self.online_teacher is not None else None,
+            logit_normal=config.logit_normal,
         )
         if batch.x_context is not None:
             context = batch.x_context

@@ -90,11 +90,13 @@ def draw_objective_batch(
     cls_dim: int = 0,
     teacher: TeacherFeatures | None = None,
     pixels: torch.Tensor | None = None,
+    logit_normal: tuple[float, float] | None = None,
 ) -> ObjectiveBatch:
-    """Draw dropout, t, image noise and CLS noise (in that order) for a global batch x0."""
+    """Draw dropout, t, image noise and CLS noise (in that order) for a global batch x0;
+    t is uniform, or logit-normal with `logit_normal` = (location, scale)."""
     if cond is not None:
         cond = cond.dropout(condition_dropout, generator)
-    noisy = make_noisy_batch(x0, generator=generator)
+    noisy = make_noisy_batch(x0, generator=generator, logit_normal=logit_normal)
     cls_noise = None
     if cls_dim:
         cls_noise = torch.randn((x0.shape[0], cls_dim), generator=generator)

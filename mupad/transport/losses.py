@@ -29,6 +29,8 @@ def make_noisy_batch(
     x0: torch.Tensor,
     generator: torch.Generator | None = None,
     t: torch.Tensor | None = None,
+    *,
+    logit_normal: tuple[float, float] | None = None,
 ) -> NoisyBatch:
     """Draw t ~ U[0, 1) and eps ~ N(0, I) and build (x_t, target) for clean data x0 (B, ...).
 
@@ -41,7 +43,7 @@ def make_noisy_batch(
         raise TypeError(f"x0 must be a floating point tensor, got {x0.dtype}")
     batch = x0.shape[0]
     if t is None:
-        t = paths.sample_training_times(batch, generator=generator)
+        t = paths.sample_training_times(batch, generator=generator, logit_normal=logit_normal)
     t = torch.as_tensor(t).to(device=x0.device, dtype=time_dtype(x0.dtype))
     if t.dim() == 0:
         t = t.expand(batch)
