@@ -14,6 +14,8 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from mupad.errors import MupadError
+
 
 class Modality(str, enum.Enum):
     IMAGE = "image"
@@ -21,7 +23,7 @@ class Modality(str, enum.Enum):
     RNA = "rna"
 
 
-class ConditionError(ValueError):
+class ConditionError(MupadError, ValueError):
     """Condition tensors are malformed; the message says what is wrong and how to fix it."""
 
 

@@ -12,8 +12,10 @@ import json
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mupad.errors import MupadError
 
-class ConfigError(ValueError):
+
+class ConfigError(MupadError, ValueError):
     """A configuration value is invalid; the message says which and how to fix it."""
 
 

@@ -10,3 +10,9 @@ from __future__ import annotations
 
 class MupadError(Exception):
     """A problem with the user's input, files or environment, explained in its message."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, raised after the work was left in a resumable state; the message says so and
+    how to resume. A KeyboardInterrupt (not a MupadError) so that `except Exception` lets it
+    through like any other interruption; the command line exits with code 130."""

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from mupad.dtypes import parse_dtype
+from mupad.errors import MupadError
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ VAE_HINT = (
 _PIXEL_TOLERANCE = 1e-3  # how far outside [-1, 1] input pixels may stray (rounding)
 
 
-class LatentsError(ValueError):
+class LatentsError(MupadError, ValueError):
     """Pixels, latents or a VAE folder are unusable; the message says how to fix it."""
 
 

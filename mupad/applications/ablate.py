@@ -91,6 +91,7 @@ from mupad.config import (
     to_dict,
 )
 from mupad.data.streaming import ShardBatches, ShardedDataset
+from mupad.errors import MupadError
 from mupad.models.sit import SiT
 from mupad.training.checkpoint import checkpoint_dir, latest_checkpoint
 from mupad.training.distributed import DistContext, resolve_device
@@ -109,7 +110,7 @@ SETTINGS_NAME = "ablation.json"
 WEIGHTS = ("ema", "raw")  # the weight sets every metric is computed for
 
 
-class AblationError(ValueError):
+class AblationError(MupadError, ValueError):
     """The ablation cannot run with these inputs; the message says how to fix them."""
 
 

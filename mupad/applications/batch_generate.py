@@ -39,6 +39,7 @@ from mupad.applications.prompts import PromptError, PromptRecord
 from mupad.applications.provenance import file_sha256, save_png_atomic
 from mupad.conditions import Conditions, Modality
 from mupad.config import SampleConfig, from_dict, to_dict
+from mupad.errors import MupadError
 from mupad.fileio import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ SIDECAR_FORMAT = "mupad.generated_image"
 SIDECAR_VERSION = 1
 
 
-class RegenerationError(ValueError):
+class RegenerationError(MupadError, ValueError):
     """A sidecar cannot be regenerated as recorded (other weights, changed inputs, ...)."""
 
 

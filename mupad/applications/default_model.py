@@ -13,12 +13,13 @@ import json
 from pathlib import Path
 
 from mupad.conditioning.registry import cache_root
+from mupad.errors import MupadError
 from mupad.fileio import atomic_write_text
 
 POINTER_NAME = "demo_run.json"
 
 
-class DefaultModelError(FileNotFoundError):
+class DefaultModelError(MupadError, FileNotFoundError):
     """No --checkpoint was given and no demo run is recorded (or it has gone)."""
 
 

@@ -69,6 +69,7 @@ from mupad.config import (
     parse_enum,
     to_dict,
 )
+from mupad.errors import MupadError
 from mupad.fileio import atomic_directory, atomic_write_text
 from mupad.models.attention_control import (
     AttentionControlError,
@@ -90,7 +91,7 @@ TARGET_CLASS = "ffpe_image"
 DEFAULT_MAX_SIDE_PX = 1024  # larger images go through `mupad wsi translate --translator ff2ffpe`
 
 
-class FFPEError(ValueError):
+class FFPEError(MupadError, ValueError):
     """Inputs to FF -> FFPE that cannot work; the message says how to fix them."""
 
 

@@ -66,6 +66,7 @@ from mupad.config import (
     to_dict,
 )
 from mupad.data.tiles import load_image_tiles, to_unit_range
+from mupad.errors import MupadError
 from mupad.fileio import atomic_directory, atomic_write_text
 from mupad.models.embeddings import TimestepEmbedder
 from mupad.training.checkpoint import (
@@ -101,7 +102,7 @@ _RESUMABLE_FIELDS = {
 }
 
 
-class HE2IHCError(ValueError):
+class HE2IHCError(MupadError, ValueError):
     """Inputs to the H&E -> IHC pipeline that cannot work; the message says how to fix them."""
 
 

@@ -65,6 +65,7 @@ from mupad.config import (
     to_dict,
 )
 from mupad.data.dihedral import apply_dihedral, draw_dihedral
+from mupad.errors import MupadError
 from mupad.fileio import atomic_write_text
 from mupad.latents import IdentityCodec, LatentCodec, load_codec
 from mupad.models.sit import SiT
@@ -82,7 +83,7 @@ MIF_SUFFIXES = (".tif", ".tiff")
 _MAX_TOKEN_GRID = 32  # auto patch size: at most 32 x 32 tokens
 
 
-class MIFError(ValueError):
+class MIFError(MupadError, ValueError):
     """H&E / mIF inputs or an mIF checkpoint are unusable; the message says how to fix it."""
 
 

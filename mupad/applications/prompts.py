@@ -18,9 +18,10 @@ from typing import Any
 
 from mupad.conditions import Modality
 from mupad.config import ConfigError, SampleConfig
+from mupad.errors import MupadError
 
 
-class PromptError(ValueError):
+class PromptError(MupadError, ValueError):
     """A prompt file or record is unusable; the message says which and how to fix it."""
 
 

@@ -26,6 +26,8 @@ import tifffile
 import torch
 from PIL import Image
 
+from mupad.errors import MupadError
+
 TIFF_SUFFIXES = (".tif", ".tiff")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PILLOW_TO_RGB = ("CMYK", "YCbCr", "LAB", "HSV", "RGBX")
@@ -37,7 +39,7 @@ _FLOAT_MESSAGE = (
 )
 
 
-class ReferenceImageError(ValueError):
+class ReferenceImageError(MupadError, ValueError):
     """A reference image cannot be used; the message says why and how to fix it."""
 
 

@@ -39,6 +39,7 @@ import torch
 
 from mupad.conditions import ConditionStream
 from mupad.config import ModelConfig
+from mupad.errors import MupadError
 from mupad.omics.errors import OmicsError
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ _SEPARATORS = {".csv": ",", ".tsv": "\t", ".txt": "\t", ".tab": "\t"}
 ST_SCORES = "scores.csv"
 
 
-class RnaInputError(ValueError):
+class RnaInputError(MupadError, ValueError):
     """An RNA input cannot be turned into the model's RNA condition; says how to fix it."""
 
 

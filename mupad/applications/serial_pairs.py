@@ -37,6 +37,7 @@ from PIL import Image
 from mupad.data.tiles import IMAGE_SUFFIXES
 from mupad.data.wsi import MissingMppError, Slide, open_slide
 from mupad.data.wsi.tissue import tissue_mask_from_rgb
+from mupad.errors import MupadError
 from mupad.fileio import atomic_directory
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ _NOMINAL_MPP = 1.0
 _THUMBNAIL_SIZE = 2048
 
 
-class PairingError(ValueError):
+class PairingError(MupadError, ValueError):
     """Landmarks, images or sampling settings that cannot give patch pairs; says how to fix it."""
 
 

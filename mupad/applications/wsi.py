@@ -66,6 +66,7 @@ from mupad.data.wsi.pyramid_writer import (
 )
 from mupad.data.wsi.slide import Slide
 from mupad.data.wsi.tissue import tissue_mask
+from mupad.errors import MupadError
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ DEFAULT_MAX_UPSAMPLE = 2.0  # refuse to enlarge a coarse scan more than 2x
 _LANCZOS_SUPPORT = 3  # source px each side of an output pixel (per unit of scale)
 
 
-class WsiTranslationError(ValueError):
+class WsiTranslationError(MupadError, ValueError):
     """Arguments or a translator that cannot work; the message says what to change."""
 
 

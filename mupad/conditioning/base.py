@@ -15,9 +15,10 @@ from typing import Any
 import torch
 
 from mupad.conditions import ConditionStream, Modality
+from mupad.errors import MupadError
 
 
-class EncoderError(ValueError):
+class EncoderError(MupadError, ValueError):
     """The encoder's input or setup is invalid; the message says how to fix it."""
 
 

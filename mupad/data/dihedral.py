@@ -13,8 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+from mupad.errors import MupadError
 
-class DihedralError(ValueError):
+
+class DihedralError(MupadError, ValueError):
     """A dihedral transform was asked of a tensor it cannot apply to."""
 
 

@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from mupad.data.tiles import IMAGE_SUFFIXES, UnreadableTileError, open_rgb
+from mupad.errors import MupadError
 
 PAIRED_COLUMNS = {
     "image": "required: path of the image (absolute, or relative to the CSV's folder)",
@@ -48,11 +49,11 @@ RNA_FILE_COLUMN = "rna_file"
 UNKNOWN = -1  # label, x, y or mpp that a source does not know
 
 
-class PrepareError(ValueError):
+class PrepareError(MupadError, ValueError):
     """The input of `mupad prepare` is unusable; the message says how to fix it."""
 
 
-class CorruptInputError(ValueError):
+class CorruptInputError(MupadError, ValueError):
     """One tile, row or slide cannot be read; it is skipped and counted, never fatal."""
 
 

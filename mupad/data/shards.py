@@ -41,6 +41,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from mupad.errors import MupadError
 from mupad.fileio import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ Scalar = str | int | float | bool | None
 FieldValue = np.ndarray | torch.Tensor | str | int | float | bool | None
 
 
-class ShardError(ValueError):
+class ShardError(MupadError, ValueError):
     """A shard, record or shard folder is unusable; the message says how to fix it."""
 
 

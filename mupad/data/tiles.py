@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mupad.errors import MupadError
+
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
@@ -22,7 +24,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 BAD_FILES_NAMED = 5
 
 
-class TileFolderError(ValueError):
+class TileFolderError(MupadError, ValueError):
     """A tile folder is missing, empty or holds unusable images."""
 
 

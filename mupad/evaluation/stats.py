@@ -16,8 +16,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy.stats import norm
 
+from mupad.errors import MupadError
 
-class EvaluationError(ValueError):
+
+class EvaluationError(MupadError, ValueError):
     """An evaluation cannot run on these inputs; the message says why and what would fix it."""
 
 

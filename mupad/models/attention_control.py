@@ -41,12 +41,13 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from mupad.errors import MupadError
 from mupad.models.attention import SelfAttention
 
 QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-class AttentionControlError(ValueError):
+class AttentionControlError(MupadError, ValueError):
     """An attention controller was set up or used in a way that cannot work."""
 
 

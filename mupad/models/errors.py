@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from mupad.errors import MupadError
 
-class ModelInputError(ValueError):
+
+class ModelInputError(MupadError, ValueError):
     """An input to the network has the wrong shape, dtype, range or content.
 
     The message names the argument, what was expected and what was given.
     """
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MupadError, ValueError):
     """A model folder cannot be loaded: missing, incomplete, or written for another config."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from mupad.errors import MupadError
 
-class OmicsError(ValueError):
+
+class OmicsError(MupadError, ValueError):
     """Base class: an omics input (expression, gene ids, gene sets) is unusable as given."""
 
 

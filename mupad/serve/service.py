@@ -49,6 +49,7 @@ from mupad.config import (
     parse_enum,
 )
 from mupad.data.tiles import IMAGE_SUFFIXES, bundled_kather_dir
+from mupad.errors import MupadError
 
 logger = logging.getLogger(__name__)
 
@@ -89,11 +90,11 @@ class RnaKind(str, enum.Enum):
     EXPRESSION = "expression"  # an expression profile, scored with the model's gene sets
 
 
-class RequestError(ValueError):
+class RequestError(MupadError, ValueError):
     """A form is unusable (HTTP 400); the message says what to change."""
 
 
-class BusyError(RuntimeError):
+class BusyError(MupadError, RuntimeError):
     """Too many requests already wait for the generator (HTTP 503)."""
 
 

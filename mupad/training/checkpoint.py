@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mupad.config import ModelConfig
+from mupad.errors import MupadError
 from mupad.fileio import atomic_directory
 from mupad.models.sit import WEIGHTS_NAME, write_model_files
 
@@ -39,7 +40,7 @@ logger = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^step-(\d{7,})$")
 
 
-class ResumeError(RuntimeError):
+class ResumeError(MupadError, RuntimeError):
     """A run folder cannot be resumed with the current configuration."""
 
 

@@ -27,12 +27,13 @@ import torch.distributed as dist
 from torch import nn
 
 from mupad.config import ParallelKind
+from mupad.errors import MupadError
 
 _CPU = torch.device("cpu")
 logger = logging.getLogger(__name__)
 
 
-class DistributedError(RuntimeError):
+class DistributedError(MupadError, RuntimeError):
     """The multi-process setup is inconsistent; the message says how to launch correctly."""
 
 

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from mupad.conditions import Conditions
 from mupad.config import LRScheduleKind, Precision, TrainConfig, to_dict
+from mupad.errors import MupadError
 from mupad.models.sit import SiT
 from mupad.training import distributed
 from mupad.training.checkpoint import (
@@ -116,7 +117,7 @@ def autocast_context(precision: Precision, device: torch.device) -> contextlib.A
     return contextlib.nullcontext()
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(MupadError, FloatingPointError):
     """Too many steps had a NaN/Inf loss or gradient."""
 
 

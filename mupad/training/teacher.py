@@ -14,9 +14,10 @@ from dataclasses import dataclass
 import torch
 
 from mupad.config import AlignmentConfig, TeacherSource
+from mupad.errors import MupadError
 
 
-class TeacherError(ValueError):
+class TeacherError(MupadError, ValueError):
     """Teacher features are missing or malformed; the message says how to provide them."""
 
 

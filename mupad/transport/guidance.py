@@ -27,10 +27,11 @@ import torch
 
 from mupad.conditions import Conditions, Modality, is_empty
 from mupad.config import GuidanceConfig, GuidanceMode, GuidanceScheduleKind, parse_enum
+from mupad.errors import MupadError
 from mupad.transport.velocity import VelocityFn
 
 
-class GuidanceError(ValueError):
+class GuidanceError(MupadError, ValueError):
     """Guidance cannot be applied to this input; the message says how to fix it."""
 
 

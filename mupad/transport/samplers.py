@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from mupad.conditions import Conditions
 from mupad.config import SampleConfig, SamplerKind, parse_enum
+from mupad.errors import MupadError
 from mupad.transport import paths
 from mupad.transport.guidance import guided
 from mupad.transport.velocity import VelocityFn, time_dtype
@@ -33,7 +34,7 @@ from mupad.transport.velocity import VelocityFn, time_dtype
 StepCallback = Callable[[int, float, torch.Tensor], None]
 
 
-class SamplerError(ValueError):
+class SamplerError(MupadError, ValueError):
     """A sampler was asked for something it cannot do; the message says how to fix it."""
 
 

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from mupad.config import Precision
+from mupad.errors import MupadError
 
 
-class VAEConfigError(ValueError):
+class VAEConfigError(MupadError, ValueError):
     """A VAE training setting is invalid; the message says which and how to fix it."""
 
 

@@ -11,13 +11,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mupad.errors import MupadError
+
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
 SSIM_K1 = 0.01
 SSIM_K2 = 0.03
 
 
-class MetricError(ValueError):
+class MetricError(MupadError, ValueError):
     """Images given to a metric are unusable; the message says why."""
 
 

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from mupad.config import Precision
 from mupad.data.tiles import TileFolderError, TileSet, load_image_tiles, random_crops
+from mupad.errors import MupadError
 from mupad.fileio import atomic_directory, atomic_write_text
 from mupad.training.checkpoint import list_checkpoints, optimizer_tensors, restore_optimizer
 from mupad.training.ema import EMA
@@ -60,7 +61,7 @@ _RESUMABLE_CHANGES = {
 }
 
 
-class VAERunError(RuntimeError):
+class VAERunError(MupadError, RuntimeError):
     """A run folder cannot be used (holds something else, or another run's settings)."""
 
 

@@ -6,8 +6,10 @@ the slide and count it, while programming errors (TypeError, ...) still surface.
 
 from __future__ import annotations
 
+from mupad.errors import MupadError
 
-class SlideError(ValueError):
+
+class SlideError(MupadError, ValueError):
     """A slide cannot be used as given: corrupt, truncated, unsupported or unusable pixels."""
 
 
@@ -19,6 +21,6 @@ class EmptyTissueError(SlideError):
     """The tissue mask of a slide is empty, or no tile holds enough tissue."""
 
 
-class SlideBackendMissingError(ImportError):
+class SlideBackendMissingError(MupadError, ImportError):
     """The reader library that a slide format needs is not installed (environment problem,
     deliberately not a SlideError so that it is not silently skipped slide after slide)."""

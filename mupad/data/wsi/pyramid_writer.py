@@ -42,6 +42,8 @@ from typing import Any, Self
 
 import numpy as np
 
+from mupad.errors import MupadError
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIFF_TILE_PX = 256
@@ -52,7 +54,7 @@ _SUPPORTED_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float3
 _BIGTIFF_RAW_BYTES = 2**31
 
 
-class PyramidWriteError(ValueError):
+class PyramidWriteError(MupadError, ValueError):
     """The image cannot be written as asked (bad size, dtype, layout or row count)."""
 
 
