@@ -40,7 +40,8 @@ def main() -> None:
                 continue
             manifest = pd.read_csv(args.root / section / "manifest.csv")
             values = scores[section].loc[manifest["barcode"].astype(str), common].to_numpy()
-            columns = {f"rna_{i:03d}": values[:, i] for i in range(len(common))}
+            # rna_<pathway name>: prepare records the names, so the model carries them.
+            columns = {f"rna_{name}": values[:, i] for i, name in enumerate(common)}
             images = [f"{section}/{patch}" for patch in manifest["patch"]]
             frames.append(pd.DataFrame({"image": images, **columns}))
         pd.concat(frames).to_csv(args.root / f"pairs_{split}.csv", index=False)

@@ -25,7 +25,7 @@ python "$HERE/her2st_pairs.py" "$ROOT/st" --sections "$SECTIONS" --val C6 \
     --max-pathways "${PATHWAYS:-128}"
 for split in train val; do
     (cd "$ROOT/st" && mupad prepare "pairs_$split.csv" "../shards_$split" --tile-size 64 \
-        --tile-mpp 2.0 --image-encoder inception)
+        --tile-mpp 2.0 --image-encoder inception --rna-gene-sets bundled)
 done
 mupad train --shards "$ROOT/shards_train" --out "$ROOT/model" --preset S/8 --hidden-size 256 \
     --depth 6 --num-heads 4 --conditions rna --objective mupad --dihedral \

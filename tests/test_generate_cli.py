@@ -13,6 +13,7 @@ from pathlib import Path
 
 import imagecodecs
 import numpy as np
+import pandas as pd
 import pytest
 import tifffile
 import torch
@@ -428,3 +429,70 @@ def test_st_spot_expression_and_score_table_give_the_same_rna_condition(
         bad.exit_code == 2 and f"lacks {PATHWAYS} of the model's {PATHWAYS} pathways" in bad.output
     )
     assert not (tmp_path / "bad").exists()
+
+
+# ------------------------------------------------- issue 15: an RNA model needs no hand work
+def test_rna_model_from_prepared_pairs_generates_from_its_checkpoint_alone(tmp_path):
+    """Issue 15: a model trained on `prepare`d pairs (rna_<name> columns, as the HER2ST recipe
+    writes them) carries its pathway names, standardiser and gene-set digest, so
+    `generate --st-folder --st-spot` needs only --checkpoint."""
+    from mupad.applications.rna_inputs import read_pathway_names
+    from mupad.data.prepare import PrepareConfig, prepare_dataset
+    from mupad.omics.genesets import default_gene_sets
+
+    digest = default_gene_sets().sha256
+    st = tmp_path / "st"
+    st.mkdir()
+    everything = [f"pathway {c}" for c in "abcdef"]
+    rng = np.random.default_rng(0)
+    scores = pd.DataFrame(
+        rng.normal(size=(3, 6)), index=pd.Index(["s1", "s2", "s3"], name="barcode"),
+        columns=everything,
+    )  # fmt: skip
+    scores.to_csv(st / "scores.csv")
+    (st / "summary.json").write_text(json.dumps({"scoring": {"gene_sets_sha256": digest}}))
+    chosen = ["pathway e", "pathway b", "pathway c"]  # the model's order, not the table's
+    pd.Series(chosen, name="pathway").to_csv(tmp_path / "pathways.csv", index=False)
+    assert read_pathway_names(tmp_path / "pathways.csv") == tuple(chosen)  # header accepted
+    rows = []
+    for i, spot in enumerate(scores.index):
+        pixels_i = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+        Image.fromarray(pixels_i).save(tmp_path / f"{i}.png")
+        rows.append({"image": f"{i}.png", **{f"rna_{n}": scores.loc[spot, n] for n in chosen}})
+    pd.DataFrame(rows).to_csv(tmp_path / "pairs.csv", index=False)
+    config = PrepareConfig(tile_size=16, rna_gene_sets="bundled", progress=False)
+    summary = prepare_dataset(tmp_path / "pairs.csv", tmp_path / "shards", config)
+    assert summary.rna["pathways"] == chosen and summary.rna["gene_sets_sha256"] == digest
+
+    run = tmp_path / "run"
+    trained = runner.invoke(app, [
+        "train", "--shards", str(tmp_path / "shards"), "--out", str(run), "--preset", "tiny",
+        "--steps", "1", "--batch-size", "2", "--checkpoint-every", "1", "--conditions", "rna",
+        "--device", "cpu",
+    ])  # fmt: skip
+    assert trained.exit_code == 0, trained.output
+    state = json.loads((run / "checkpoints" / "step-0000001" / "train_state.json").read_text())
+    assert state["extra"]["rna_pathways"] == chosen
+    assert state["extra"]["rna_gene_sets_sha256"] == digest
+    assert state["extra"]["rna_standardiser"] is None  # trained on the scores as stored
+
+    made = invoke("--checkpoint", run, "--st-folder", st, "--st-spot", "s2", "--out",
+                  tmp_path / "st_out", *FAST)  # fmt: skip
+    assert made.exit_code == 0, made.output
+    # The same scores given as a vector in the model's order give the same condition.
+    np.save(tmp_path / "s2.npy", scores.loc["s2", chosen].to_numpy())
+    vector = invoke("--checkpoint", run, "--rna", tmp_path / "s2.npy", "--out",
+                    tmp_path / "vec_out", *FAST)  # fmt: skip
+    assert vector.exit_code == 0, vector.output
+    sidecar, other = (
+        json.loads((tmp_path / name / "00001_0.json").read_text())
+        for name in ("st_out", "vec_out")
+    )
+    assert sidecar["conditions"]["sha256"] == other["conditions"]["sha256"]
+
+    # Scores made from other gene sets are refused, naming the folder.
+    (st / "summary.json").write_text(json.dumps({"scoring": {"gene_sets_sha256": "0" * 64}}))
+    refused = invoke("--checkpoint", run, "--st-folder", st, "--st-spot", "s2", "--out",
+                     tmp_path / "refused", *FAST)  # fmt: skip
+    assert refused.exit_code == 2 and "other gene sets" in refused.output
+    assert not (tmp_path / "refused").exists()

@@ -5,9 +5,12 @@ What the model's RNA stream takes (`RnaSpec`):
     the order the model was trained on; unscorable pathways (NaN) become padding tokens;
   * otherwise one vector token (1, 1, rna_dim).
 
-Pathway order: the names the run recorded (metadata "rna_pathways"), or a standardiser's,
-or a file passed by the user (`read_pathway_names`: one name per line, a score table whose
-header lists them, or a ScoreStandardiser JSON). With names known, tables are matched by
+Pathway order: the names the run recorded (metadata "rna_pathways", written by
+`train --shards` from the `rna_<name>` columns `mupad prepare` read), or a standardiser's,
+or a file passed by the user (`read_pathway_names`: one name per line, a one-column list
+under a header, a score table whose header lists them, or a ScoreStandardiser JSON).
+Scores made from other gene sets than the training scores (metadata
+"rna_gene_sets_sha256" against an ST folder's summary or the gene sets given) are refused. With names known, tables are matched by
 column name; without them a table must have exactly P columns, taken in file order, and
 expression cannot be scored (except when the bundled default pathway list has exactly P).
 
@@ -21,8 +24,8 @@ Sources (one per prompt record):
   st_folder +     a `mupad st extract` output folder and a spot barcode: the spot's row of
   st_spot         its scores.csv
 
-A standardiser (metadata "rna_standardiser" or an option) turns raw scores into z-scores,
-as the "pathways" encoder does at training time.
+A standardiser (metadata "rna_standardiser": inline or a path; or an option) turns raw
+scores into z-scores, as the "pathways" encoder does at training time.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ class RnaSpec:
     names: tuple[str, ...] | None = None  # pathway order, when known
     standardiser: Any = None  # mupad.conditioning.rna.ScoreStandardiser | None
     gene_sets: str | None = None  # GMT path for scoring expression (None: bundled)
+    gene_sets_sha256: str | None = None  # GeneSets.sha256 of the training scores' gene sets
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -69,7 +73,17 @@ class RnaSpec:
             "names_known": self.names is not None,
             "standardised": self.standardiser is not None,
             "gene_sets": self.gene_sets,
+            "gene_sets_sha256": self.gene_sets_sha256,
         }
+
+    def check_gene_sets(self, digest: str | None, what: str) -> None:
+        """Refuse scores made from other gene sets than the model's (when both are known)."""
+        if digest and self.gene_sets_sha256 and digest != self.gene_sets_sha256:
+            raise RnaInputError(
+                f"{what} were scored with other gene sets than the model was trained on "
+                f"(sha256 {digest[:12]}... vs the model's {self.gene_sets_sha256[:12]}...); "
+                "score the input with the model's gene-set file (--gene-sets)"
+            )
 
 
 def _suffix(path: Path) -> str:
@@ -91,8 +105,11 @@ def read_pathway_names(path: str | Path) -> tuple[str, ...]:
 
         return ScoreStandardiser.load(path).pathways
     if suffix in (".csv", ".tsv", ".tab"):
-        header = pd.read_csv(path, sep=_SEPARATORS[suffix], index_col=0, nrows=0)
-        names = tuple(str(c) for c in header.columns)
+        table = pd.read_csv(path, sep=_SEPARATORS[suffix], dtype=str, keep_default_na=False)
+        if table.shape[1] == 1:  # a list: a header (e.g. "pathway") above one name a row
+            names = tuple(str(v).strip() for v in table.iloc[:, 0] if str(v).strip())
+        else:  # a score table: row ids, then one column per pathway
+            names = tuple(str(c) for c in table.columns[1:])
     else:
         names = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
     if not names or len(set(names)) != len(names):
@@ -114,8 +131,13 @@ def rna_spec(
     if not config.rna_dim:
         raise RnaInputError("the model has no RNA stream")
     width = config.rna_pathways or config.rna_dim
-    standardiser_path = standardiser or metadata.get("rna_standardiser")
-    fitted = ScoreStandardiser.load(standardiser_path) if standardiser_path else None
+    recorded = metadata.get("rna_standardiser")
+    if standardiser is not None:
+        fitted = ScoreStandardiser.load(standardiser)
+    elif isinstance(recorded, dict):  # carried by the checkpoint itself
+        fitted = ScoreStandardiser.from_dict(recorded)
+    else:
+        fitted = ScoreStandardiser.load(recorded) if recorded else None
     names: tuple[str, ...] | None = None
     if pathways is not None:
         names = read_pathway_names(pathways)
@@ -139,6 +161,7 @@ def rna_spec(
         names=names,
         standardiser=fitted,
         gene_sets=str(gene_sets or metadata.get("rna_gene_sets") or "") or None,
+        gene_sets_sha256=metadata.get("rna_gene_sets_sha256"),
     )
 
 
@@ -237,9 +260,20 @@ def scores_from_st(folder: str | Path, spot: str, spec: RnaSpec) -> np.ndarray:
         raise RnaInputError(
             f"{folder} has no {ST_SCORES}; give the output folder of `mupad st extract`"
         )
+    spec.check_gene_sets(_st_gene_sets_sha256(Path(folder)), f"the scores in {table_path}")
     table = pd.read_csv(table_path, index_col=0)
     series = _pick_row(table, spot, f"{table_path}", "st_spot")
     return _named_to_vector(series, spec, f"spot {spot} of {table_path}")
+
+
+def _st_gene_sets_sha256(folder: Path) -> str | None:
+    """The gene-set digest a `mupad st extract` folder recorded (None for older outputs)."""
+    try:
+        summary = json.loads((folder / "summary.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    scoring = summary.get("scoring") if isinstance(summary, dict) else None
+    return scoring.get("gene_sets_sha256") if isinstance(scoring, dict) else None
 
 
 def scores_from_expression(
@@ -253,6 +287,7 @@ def scores_from_expression(
 
     try:
         gene_sets = resolve_gene_sets(spec.gene_sets)
+        spec.check_gene_sets(gene_sets.sha256, f"pathway scores of {path}")
         names = spec.names
         if names is None:
             names = default_pathways(gene_sets)

@@ -10,6 +10,7 @@ shards' schema unless a full `model_config` is given.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,8 @@ from mupad.training.distributed import DistContext
 from mupad.training.loop import Trainer, TrainResult, step_generator
 from mupad.training.objectives import objective_model_config
 from mupad.training.teacher import TeacherSpec, online_teacher, spec_from_token_shape
+
+logger = logging.getLogger(__name__)
 
 LATENT_KEY = "latent_moments"
 IMAGE_KEY = "image"
@@ -106,6 +109,30 @@ def prepare_settings(data: str | Path) -> dict[str, Any]:
     if not summary.is_file():
         return {}
     return json.loads(summary.read_text()).get("config", {})
+
+
+def rna_metadata(data: str | Path, num_pathways: int) -> dict[str, Any]:
+    """The run metadata that conditions a model on the shards' `rna_scores` later (read by
+    `mupad.applications.rna_inputs.rna_spec`): pathway names in order, the gene sets the
+    scores came from (path, None for the bundled collection, and digest) and the
+    standardiser (None: the scores were used as stored). From `<data>/summary.json`."""
+    summary = Path(data) / "summary.json"
+    rna = json.loads(summary.read_text()).get("rna", {}) if summary.is_file() else {}
+    names = rna.get("pathways")
+    if not names or len(names) != num_pathways:
+        logger.warning(
+            "the shards in %s do not record the names of their %d pathways (prepare a CSV "
+            "with rna_<pathway name> columns); generation will need --rna-pathways",
+            data, num_pathways,
+        )  # fmt: skip
+        names = None
+    gene_sets = rna.get("gene_sets")
+    return {
+        "rna_pathways": names,
+        "rna_gene_sets": None if gene_sets in (None, "bundled") else gene_sets,
+        "rna_gene_sets_sha256": rna.get("gene_sets_sha256"),
+        "rna_standardiser": rna.get("standardiser"),
+    }
 
 
 def teacher_for_shards(
@@ -216,6 +243,8 @@ def train_on_shards(
         "conditions": sorted(m for m, f in fields.items() if f),
         "dihedral": dihedral,
     }
+    if fields["rna"]:
+        metadata.update(rna_metadata(data, schema[fields["rna"]]["shape"][0]))
     sample_hook = None
     if train_config.sample_every:
         first = batches(0, step_generator(train_config.seed, 0))

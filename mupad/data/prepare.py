@@ -110,6 +110,8 @@ class PrepareConfig:
     image_encoder: str | None = None  # e.g. "inception": cache image_tokens
     shard_size: int = 1024  # records per shard
     tiles_per_source: int = 4096  # tile-folder / manifest images per source (unit of work)
+    # Not part of the fingerprint: recorded in the summary only.
+    rna_gene_sets: str | None = None  # GMT the manifest's RNA scores came from, or "bundled"
     # Not part of the fingerprint: they change speed, not results.
     batch_size: int = 32  # tiles per encoder batch
     device: str = "auto"  # auto = cuda:<LOCAL_RANK> when available, else cpu
@@ -135,7 +137,7 @@ class PrepareConfig:
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings that change what is written (JSON-ready)."""
-        skip = {"batch_size", "device", "progress", "barrier_timeout_s"}
+        skip = {"batch_size", "device", "progress", "barrier_timeout_s", "rna_gene_sets"}
         return {
             f.name: (str(v) if isinstance(v, (Path, SourceKind)) else v)
             for f in dataclasses.fields(self)
@@ -175,6 +177,9 @@ class PrepareSummary:
     manifest: str | None
     config: dict[str, Any] = field(default_factory=dict)  # PrepareConfig.fingerprint()
     latent_space: str = ""  # what `latent_moments` hold (see LATENT_SPACE)
+    # How `rna_scores` were made, for the models trained on them (see `rna_provenance`):
+    # pathways (names in order, or None), gene_sets, gene_sets_sha256, standardiser.
+    rna: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -541,6 +546,7 @@ def prepare_dataset(
             captions=load_captions(config.captions),
             tiles_per_source=config.tiles_per_source,
         )
+        rna = rna_provenance(sources, config.rna_gene_sets)  # a bad GMT fails before any work
         mine = sources[env.rank :: env.world_size]
         logger.info(
             "rank %d/%d: %d of %d sources", env.rank, env.world_size, len(mine), len(sources)
@@ -568,7 +574,7 @@ def prepare_dataset(
         atomic_write_text(rank_file, json.dumps([dataclasses.asdict(r) for r in results]))
         _barrier(env, device)
         if env.rank == 0:
-            summary = _merge(out, env.world_size, len(sources), config)
+            summary = _merge(out, env.world_size, len(sources), config, rna)
             atomic_write_text(out / SUMMARY_NAME, summary.to_json())
             _log_summary(summary)
         _barrier(env, device)
@@ -604,8 +610,32 @@ def _nothing_prepared(input_path: str | Path, out: Path, summary: PrepareSummary
     return "; ".join(parts) + f"; details in {out / SUMMARY_NAME}"
 
 
+def rna_provenance(sources: list[Source], gene_sets: str | None) -> dict[str, Any]:
+    """What a model trained on the sources' `rna_scores` needs to be conditioned later:
+    the pathway names in order (None when unknown), the gene sets the scores came from
+    (`gene_sets`: a GMT path or "bundled"; None = not given) with their digest, and the
+    standardiser applied (None: the shards hold the scores as given). {} without RNA."""
+    if not sources or not sources[0].rna_length:
+        return {}
+    digest = None
+    if gene_sets is not None:
+        from mupad.omics.errors import OmicsError
+        from mupad.omics.pipeline import resolve_gene_sets
+
+        try:
+            digest = resolve_gene_sets(None if gene_sets == "bundled" else gene_sets).sha256
+        except OmicsError as exc:
+            raise PrepareError(f"--rna-gene-sets {gene_sets}: {exc}") from exc
+    return {
+        "pathways": list(sources[0].rna_names) or None,
+        "gene_sets": gene_sets,
+        "gene_sets_sha256": digest,
+        "standardiser": None,
+    }
+
+
 def _merge(
-    out: Path, world_size: int, n_sources: int, config: PrepareConfig
+    out: Path, world_size: int, n_sources: int, config: PrepareConfig, rna: dict[str, Any]
 ) -> PrepareSummary:
     from mupad.data.shards import ShardError, write_manifest
 
@@ -644,6 +674,7 @@ def _merge(
         manifest=manifest,
         config=config.fingerprint(),
         latent_space=LATENT_SPACE if config.latents is not None else "",
+        rna=rna,
     )
 
 

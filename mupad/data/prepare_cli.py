@@ -68,6 +68,13 @@ def prepare(
         str | None,
         typer.Option(help="Cache image tokens / teacher features (e.g. inception, uni)"),
     ] = None,
+    rna_gene_sets: Annotated[
+        str | None,
+        typer.Option(
+            help="Paired CSV with RNA: the GMT its pathway scores were computed from ('bundled' "
+            "for mupad's own collection), recorded so generation can check its inputs"
+        ),
+    ] = None,
     shard_size: Annotated[int, typer.Option(help="Records per shard")] = 1024,
     tiles_per_source: Annotated[
         int, typer.Option(help="Tile-folder / CSV images per unit of work")
@@ -91,6 +98,7 @@ def prepare(
         text_encoder=text_encoder,
         text_max_length=text_max_length,
         image_encoder=image_encoder,
+        rna_gene_sets=rna_gene_sets,
         shard_size=shard_size,
         tiles_per_source=tiles_per_source,
         batch_size=batch_size,

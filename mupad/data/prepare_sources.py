@@ -42,7 +42,8 @@ PAIRED_COLUMNS = {
     "label": "optional: an integer class label, or a class name (names get sorted indices)",
     "rna_file": "optional: path of a pathway-score vector (.npy, or .csv/.tsv/.txt numbers)",
     "rna_<name>": "optional: any number of columns, one pathway score each, in column order "
-    "(empty = missing; rows without any RNA get NaN scores, i.e. RNA absent)",
+    "(empty = missing; rows without any RNA get NaN scores, i.e. RNA absent); the names "
+    "after 'rna_' are recorded as the pathway names",
 }
 RNA_PREFIX = "rna_"
 RNA_FILE_COLUMN = "rna_file"
@@ -86,6 +87,9 @@ class Source:
     path: Path  # the slide file, the tile folder or the CSV
     items: tuple[TileItem, ...] = field(default=())
     rna_length: int = 0  # P of a manifest with RNA (rows without RNA get P NaNs), else 0
+    # The P pathway names, in order: the `rna_<name>` columns of a manifest without
+    # `rna_file`s; () when unknown.
+    rna_names: tuple[str, ...] = ()
 
     def fingerprint(self) -> str:
         """A digest of what this source reads (changes if files are added or replaced)."""
@@ -180,6 +184,9 @@ def discover_sources(
         items = _paired_items(path)
     prefix = "tiles" if kind is SourceKind.TILES else "paired"
     rna_length = _rna_length(items)
+    names = _rna_names(path) if kind is SourceKind.PAIRED and rna_length else ()
+    if any(item.rna_file is not None for item in items) or len(names) != rna_length:
+        names = ()
     return [
         Source(
             f"{prefix}_{i // tiles_per_source:05d}",
@@ -187,9 +194,19 @@ def discover_sources(
             path,
             tuple(items[i : i + tiles_per_source]),
             rna_length,
+            names,
         )
         for i in range(0, len(items), tiles_per_source)
     ]
+
+
+def _rna_names(csv_path: Path) -> tuple[str, ...]:
+    """The pathway names of a manifest's `rna_<name>` columns, in column order."""
+    with csv_path.open(newline="") as handle:
+        columns = next(csv.reader(handle), [])
+    return tuple(
+        c[len(RNA_PREFIX) :] for c in columns if c.startswith(RNA_PREFIX) and c != RNA_FILE_COLUMN
+    )
 
 
 def _slide_sources(root: Path) -> list[Source]:

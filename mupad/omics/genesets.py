@@ -12,6 +12,7 @@ mupad/assets/genesets/SOURCE.md for where it comes from and its licence.
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections.abc import Iterable, Iterator, Mapping
 from importlib import resources
 from pathlib import Path
@@ -115,6 +116,13 @@ class GeneSets(Mapping[str, tuple[str, ...]]):
     def genes(self) -> frozenset[str]:
         """Every member gene of every set (canonical ids)."""
         return frozenset(g for members in self._sets.values() for g in members)
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        """Digest of the set names and their members, in order: the same for two collections
+        that score alike, whatever their file formatting or descriptions."""
+        lines = ("\t".join((name, *members)) for name, members in self._sets.items())
+        return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
     @property
     def sizes(self) -> dict[str, int]:

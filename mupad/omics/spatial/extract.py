@@ -249,6 +249,7 @@ def score_count_matrix(
     sizes = np.array([len(m) for m in gene_sets.values()])
     report = {
         "gene_sets_source": gene_sets.source or "in-memory",
+        "gene_sets_sha256": gene_sets.sha256,
         "gene_sets": len(gene_sets),
         "gene_sets_scored": scores.shape[1],
         "method": method.value,
