@@ -239,6 +239,29 @@ def model_preset(name: str, **overrides: Any) -> ModelConfig:
     return ModelConfig(**fields)
 
 
+# The pixel-space tile generator chosen by the quality study (`mupad study quality`, see the
+# README): 8 px tokens whose last layer predicts the clean image through a 64-d patch
+# bottleneck and a convolutional refinement head. The demo, the packaged model and the
+# recipes use it.
+TILE_MODEL_LEVERS: dict[str, Any] = {
+    "patch_size": 8,
+    "prediction": "data",
+    "bottleneck_dim": 64,
+    "refine_channels": 32,
+}
+
+
+def tile_model_config(crop: int, text_dim: int, **overrides: Any) -> ModelConfig:
+    """The tile generator for `crop` px RGB tiles with a text stream `text_dim` wide:
+    hidden 256, depth 6, 4 heads, TILE_MODEL_LEVERS, then `overrides`."""
+    fields: dict[str, Any] = dict(
+        in_channels=3, hidden_size=256, depth=6, num_heads=4, text_dim=text_dim,
+        sample_size=crop, **TILE_MODEL_LEVERS,
+    )  # fmt: skip
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
 # --------------------------------------------------------------------------------------
 # Sampling
 # --------------------------------------------------------------------------------------
@@ -422,14 +445,26 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
-    """`mupad demo`: training and sampling budget of the bundled-data demo."""
+    """`mupad demo`: samples of the packaged pretrained model, then a short fine-tune on the
+    bundled tiles (or, without a packaged model, a short training from scratch)."""
 
-    steps: int = 400  # ~4.5 min of bf16 training on 2 CPU cores
+    steps: int = 300  # fine-tuning steps: about 3 min on 2 CPU cores
     batch_size: int = 32
     crop: int = 64
     samples_per_class: int = 8
+    sampler: SamplerKind = SamplerKind.EULER
     sample_steps: int = 50
+    guidance_start: float = 2.5  # linear anneal to 0 over the trajectory
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sampler", parse_enum(SamplerKind, self.sampler))
+        if min(self.steps, self.batch_size, self.samples_per_class, self.sample_steps) < 1:
+            raise ConfigError(
+                "demo steps, batch_size, samples_per_class and sample_steps must be >= 1"
+            )
+        if self.guidance_start < 0:
+            raise ConfigError(f"guidance_start must be >= 0, got {self.guidance_start}")
 
 
 # --------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from mupad.applications import default_model
 from mupad.applications.default_model import (
     DefaultModelError,
     default_checkpoint,
@@ -24,7 +25,8 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MUPAD_CACHE", str(tmp_path / "cache"))
 
 
-def test_no_recorded_run_says_how_to_get_one(tmp_path):
+def test_no_recorded_run_says_how_to_get_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(default_model, "packaged_model_dir", lambda: None)
     with pytest.raises(DefaultModelError, match="mupad demo"):
         default_checkpoint()
     remember_demo_run(tmp_path / "gone")

@@ -120,7 +120,9 @@ class GenerationModel:
         self.settings = settings
         self.device = resolve_device(settings.device)
         self.model_dir, self.metadata = _resolve_checkpoint(Path(settings.checkpoint))
-        self.model = SiT.from_pretrained(self.model_dir, map_location=self.device).eval()
+        # Weights may be stored in bf16 (the packaged model is, to stay small); they are
+        # computed in fp32 unless --bf16 asks for autocast, which not every CPU runs fast.
+        self.model = SiT.from_pretrained(self.model_dir, map_location=self.device).float().eval()
         self.config = self.model.config
         self.codec_spec = str(settings.latents or self.metadata.get("latents") or "identity")
         self.codec = load_codec(self.codec_spec, device=self.device)

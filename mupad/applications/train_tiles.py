@@ -212,6 +212,10 @@ def _resolve_checkpoint(path: Path) -> tuple[Path, dict[str, Any]]:
     )
     metadata = json.loads(state_file.read_text())["extra"] if state_file else {}
     model_dir = path / "ema" if (path / "ema" / "model.safetensors").exists() else path
+    if not state_file:
+        from mupad.applications.default_model import read_model_metadata
+
+        metadata = read_model_metadata(model_dir) or {}  # a packaged model folder
     return model_dir, metadata
 
 
