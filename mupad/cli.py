@@ -11,6 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from mupad.commands.errors import set_debug
+from mupad.commands.lazy import LazyCommand, LazyGroup
 from mupad.config import (
     AlignmentConfig,
     CrossAttentionKind,
@@ -32,7 +34,69 @@ from mupad.precision import PrecisionChoice, resolve_precision
 
 _DEMO = DemoConfig()
 
+# Commands that live next to their library code, imported only when they run (so that
+# `mupad --help` imports neither torch nor pandas); `help` is the line `mupad --help` shows.
+LAZY_COMMANDS = {
+    "prepare": LazyCommand(
+        "mupad.data.prepare_cli:prepare",
+        "Turn slides / tiles / paired files into training shards (resumable, torchrun-aware).",
+    ),
+    "generate": LazyCommand(
+        "mupad.applications.generate_cli:generate",
+        "Generate H&E images from any subset of text, reference image and RNA/ST conditions.",
+    ),
+    "augment": LazyCommand(
+        "mupad.applications.generate_cli:augment",
+        "Few-shot augmentation: N class-consistent variations of every real image.",
+    ),
+    "serve": LazyCommand(
+        "mupad.serve.cli:serve",
+        "Serve a page to generate H&E tiles from a checkpoint: caption, reference tile, "
+        "expression profile, guidance, steps, seed; tiles download with their sidecar JSON.",
+    ),
+    "omics": LazyCommand(
+        "mupad.omics.cli:omics_app", "Bulk RNA: expression -> pathway scores (the RNA condition)."
+    ),
+    "st": LazyCommand(
+        "mupad.omics.st_cli:st_app",
+        "Spatial transcriptomics: spot patches paired with pathway scores.",
+    ),
+    "vae": LazyCommand(
+        "mupad.vae.cli:vae_app",
+        "A pathology VAE (diffusers AutoencoderKL) trained from scratch on H&E tiles.",
+    ),
+    "wsi": LazyCommand(
+        "mupad.applications.wsi_cli:wsi_app",
+        "Whole-slide translation (H&E -> IHC / mIF, FF -> FFPE, identity) into pyramidal TIFFs.",
+    ),
+    "mif": LazyCommand(
+        "mupad.applications.mif_cli:mif_app",
+        "H&E -> multiplex immunofluorescence: one intensity map per marker from H&E tiles.",
+    ),
+    "ffpe": LazyCommand(
+        "mupad.applications.ff2ffpe_cli:ffpe_app",
+        "Fresh frozen -> FFPE: inversion under the source text, regeneration under the target "
+        "text with self-attention injected from the source reconstruction.",
+    ),
+    "staining": LazyCommand(
+        "mupad.applications.staining_cli:staining_app",
+        "H&E -> IHC: a rectified flow from H&E to IHC embeddings + a SiT fine-tuned on IHC.",
+    ),
+    "evaluate": LazyCommand(
+        "mupad.evaluation.cli:evaluate_app",
+        "Evaluate generated or translated images: FID/KID, similarity, mIF correlation, cell "
+        "types, biomarker AUC, few-shot and retrieval benchmarks, RNA/ST spot matching. Each "
+        "writes metrics.json and report.html.",
+    ),
+}
+
+
+class RootGroup(LazyGroup):
+    lazy_commands = LAZY_COMMANDS
+
+
 app = typer.Typer(
+    cls=RootGroup,
     help="MUPAD: multimodal pathology diffusion (H&E from image, text and RNA conditions).",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
@@ -40,47 +104,20 @@ app = typer.Typer(
 console = Console()
 
 
-def _mount_subcommands() -> None:
-    """Command groups that live next to their library code."""
-    from mupad.applications.ff2ffpe_cli import ffpe_app
-    from mupad.applications.mif_cli import mif_app
-    from mupad.applications.staining_cli import staining_app
-    from mupad.applications.wsi_cli import wsi_app
-    from mupad.data.prepare_cli import prepare
-    from mupad.evaluation.cli import evaluate_app
-    from mupad.omics.cli import omics_app
-    from mupad.omics.st_cli import st_app
-    from mupad.vae.cli import vae_app
-
-    app.command("prepare")(prepare)
-    app.add_typer(omics_app, name="omics")
-    app.add_typer(st_app, name="st")
-    app.add_typer(vae_app, name="vae")
-    app.add_typer(wsi_app, name="wsi")
-    app.add_typer(mif_app, name="mif")
-    app.add_typer(ffpe_app, name="ffpe")
-    app.add_typer(staining_app, name="staining")
-    app.add_typer(evaluate_app, name="evaluate")
-
-
-_mount_subcommands()
-
-
-def _mount_generation_commands() -> None:
-    """`mupad generate` and `mupad augment` (mupad.applications.generate_cli)."""
-    from mupad.applications.generate_cli import augment, generate
-    from mupad.serve.cli import serve
-
-    app.command("generate")(generate)
-    app.command("augment")(augment)
-    app.command("serve")(serve)
-
-
-_mount_generation_commands()
-
-
 @app.callback()
-def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+def _main(
+    ctx: typer.Context,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    debug: Annotated[
+        bool,
+        typer.Option(
+            "--debug",
+            help="Show the traceback of an error instead of its one-line message "
+            "(or set MUPAD_DEBUG=1)",
+        ),
+    ] = False,
+) -> None:
+    set_debug(ctx, debug)
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s"
     )

@@ -12,10 +12,12 @@ from __future__ import annotations
 import enum
 from functools import lru_cache
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from mupad.config import Precision, parse_enum
+
+if TYPE_CHECKING:
+    import torch
 
 NATIVE_BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
 
@@ -44,6 +46,8 @@ def cpu_has_native_bf16() -> bool:
 
 
 def _device_type(device: str | torch.device) -> str:
+    import torch  # here, not at the top: `mupad --help` reads PrecisionChoice without torch
+
     if str(device) == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(device).type
@@ -59,6 +63,8 @@ def resolve_precision(
         return Precision(choice.value)
     kind = _device_type(device)
     if kind == "cuda":
+        import torch
+
         native = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     elif kind == "cpu":
         native = cpu_has_native_bf16()

@@ -25,7 +25,6 @@ from PIL import Image
 pytest.importorskip("fastapi", reason="the serve extra (fastapi, python-multipart) is absent")
 pytest.importorskip("multipart", reason="the serve extra (python-multipart) is absent")
 
-import typer
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
@@ -306,11 +305,9 @@ def test_binds_to_localhost_by_default_and_warns_otherwise(tmp_path):
     assert is_local("127.0.0.1") and is_local("::1") and is_local("localhost")
     assert not is_local("0.0.0.0") and not is_local("192.168.1.4")
 
-    app = typer.Typer()
-    app.command()(serve)
     missing = tmp_path / "missing"
     result = CliRunner().invoke(
-        app, ["--checkpoint", str(missing), "--host", "0.0.0.0", "--device", "cpu"]
+        mupad_cli, ["serve", "--checkpoint", str(missing), "--host", "0.0.0.0", "--device", "cpu"]
     )
     output = " ".join(result.output.split())
     assert "warning: binding to 0.0.0.0" in output

@@ -508,7 +508,7 @@ def test_cli_extract_writes_outputs_and_reports_errors(tmp_path):
     args = ["extract", str(folder), "--out", str(tmp_path / "out"), "--gene-sets", str(gmt),
             "--size", "32", "--no-progress"]  # fmt: skip
     failed = runner.invoke(st_app, args)
-    assert failed.exit_code == 1 and "--skip-outside" in failed.output
+    assert failed.exit_code == 2 and "--skip-outside" in failed.output
     result = runner.invoke(st_app, [*args, "--skip-outside", "--kind", "visium"])
     assert result.exit_code == 0, result.output
     assert "wrote 11 patches" in result.output and "skipped 1" in result.output

@@ -18,34 +18,20 @@ from mupad.applications.ff2ffpe import (
     DEFAULT_MAX_SIDE_PX,
     DEFAULT_SOURCE_TEXT,
     DEFAULT_TARGET_TEXT,
-    FFPEError,
     InjectionMode,
 )
-from mupad.conditioning.base import EncoderError
-from mupad.config import ConfigError, SamplerKind, TrainConfig
-from mupad.data.tiles import TileFolderError
-from mupad.latents import LatentsError
-from mupad.models.errors import CheckpointError
+from mupad.commands.errors import MupadGroup
+from mupad.config import SamplerKind, TrainConfig
 from mupad.precision import PrecisionChoice, resolve_precision
-from mupad.training.checkpoint import ResumeError
 
 ffpe_app = typer.Typer(
+    cls=MupadGroup,
     help="Fresh frozen -> FFPE: inversion under the source text, regeneration under the target "
     "text with self-attention injected from the source reconstruction.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
 console = Console(stderr=True)
-
-_ERRORS = (
-    FFPEError, ConfigError, EncoderError, TileFolderError, LatentsError, CheckpointError,
-    ResumeError, FileNotFoundError,
-)  # fmt: skip
-
-
-def _fail(exc: Exception) -> typer.Exit:
-    console.print(f"[red]error[/red]: {exc}")
-    return typer.Exit(2)
 
 
 @ffpe_app.command()
@@ -89,24 +75,21 @@ def finetune(
     from mupad.applications.ff2ffpe import finetune_domains
     from mupad.training import distributed
 
+    config = TrainConfig(
+        steps=steps, batch_size=batch_size, learning_rate=lr, warmup_steps=warmup_steps,
+        ema_decay=ema_decay, condition_dropout=condition_dropout,
+        precision=resolve_precision(precision, device),
+        checkpoint_every=checkpoint_every, seed=seed,
+    )  # fmt: skip
+    dist = distributed.from_environment(device)
     try:
-        config = TrainConfig(
-            steps=steps, batch_size=batch_size, learning_rate=lr, warmup_steps=warmup_steps,
-            ema_decay=ema_decay, condition_dropout=condition_dropout,
-            precision=resolve_precision(precision, device),
-            checkpoint_every=checkpoint_every, seed=seed,
+        run = finetune_domains(
+            ff, ffpe, out, train_config=config, init_from=init, source_text=source_text,
+            target_text=target_text, preset=preset, crop=crop, latents=latents,
+            text_encoder=text_encoder, dist=dist, progress=progress,
         )  # fmt: skip
-        dist = distributed.from_environment(device)
-        try:
-            run = finetune_domains(
-                ff, ffpe, out, train_config=config, init_from=init, source_text=source_text,
-                target_text=target_text, preset=preset, crop=crop, latents=latents,
-                text_encoder=text_encoder, dist=dist, progress=progress,
-            )  # fmt: skip
-        finally:
-            distributed.shutdown(dist)
-    except _ERRORS as exc:
-        raise _fail(exc) from exc
+    finally:
+        distributed.shutdown(dist)
     if dist.is_main:
         result = run.result
         console.print(
@@ -166,38 +149,35 @@ def translate(
     from mupad.applications.provenance import file_sha256
     from mupad.models.sit import WEIGHTS_NAME
 
-    try:
-        model, metadata, model_dir = load_ffpe_model(checkpoint, resolve_device(device))
-        run_source, run_target = domain_texts(metadata)
-        settings = FFPESettings(
-            source_text=source_text or run_source,
-            target_text=target_text or run_target,
-            num_steps=steps,
-            method=sampler,
-            strength=strength,
-            inject_blocks=parse_blocks(inject_blocks),
-            inject_fraction=inject_fraction if injection else 0.0,
-            inject_mode=inject_mode,
-            guidance=guidance_config(guidance),
-        )
-        encoder_name = text_encoder or metadata.get("text_encoder", "minilm")
-        codec_name = latents or metadata.get("latents", "identity")
-        translator = FFPETranslator(
-            model, settings=settings, encoder=encoder_name, codec=codec_name,
-            batch_size=batch_size, reconstruct=check_reconstruction,
-        )  # fmt: skip
-        provenance = {
-            "checkpoint": str(checkpoint),
-            "model_dir": str(model_dir),
-            "weights_sha256": file_sha256(Path(model_dir) / WEIGHTS_NAME),
-            "text_encoder": encoder_name,
-            "latents": codec_name,
-        }
-        result = translate_files(
-            translator, input, out, max_side=max_side, provenance=provenance, progress=progress
-        )
-    except _ERRORS as exc:
-        raise _fail(exc) from exc
+    model, metadata, model_dir = load_ffpe_model(checkpoint, resolve_device(device))
+    run_source, run_target = domain_texts(metadata)
+    settings = FFPESettings(
+        source_text=source_text or run_source,
+        target_text=target_text or run_target,
+        num_steps=steps,
+        method=sampler,
+        strength=strength,
+        inject_blocks=parse_blocks(inject_blocks),
+        inject_fraction=inject_fraction if injection else 0.0,
+        inject_mode=inject_mode,
+        guidance=guidance_config(guidance),
+    )
+    encoder_name = text_encoder or metadata.get("text_encoder", "minilm")
+    codec_name = latents or metadata.get("latents", "identity")
+    translator = FFPETranslator(
+        model, settings=settings, encoder=encoder_name, codec=codec_name,
+        batch_size=batch_size, reconstruct=check_reconstruction,
+    )  # fmt: skip
+    provenance = {
+        "checkpoint": str(checkpoint),
+        "model_dir": str(model_dir),
+        "weights_sha256": file_sha256(Path(model_dir) / WEIGHTS_NAME),
+        "text_encoder": encoder_name,
+        "latents": codec_name,
+    }
+    result = translate_files(
+        translator, input, out, max_side=max_side, provenance=provenance, progress=progress
+    )
     mean = sum(result.ssim) / len(result.ssim)
     console.print(
         f"[green]wrote[/green] {len(result.outputs)} images to {out} in {result.seconds:.1f} s "

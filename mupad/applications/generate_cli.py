@@ -15,7 +15,6 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 
 from mupad.applications.prompts import RECORD_FIELDS
 from mupad.config import GuidanceConfig, GuidanceMode, GuidanceScheduleKind, SamplerKind
@@ -126,33 +125,6 @@ Conditions = Annotated[
     str | None,
     typer.Option(help="Use only these conditions, comma-separated (text,image,rna)"),
 ]
-
-
-def input_errors() -> tuple[type[BaseException], ...]:
-    """Input errors reported as one red line (exit code 2) instead of a traceback."""
-    from mupad.applications.batch_generate import RegenerationError
-    from mupad.applications.default_model import DefaultModelError
-    from mupad.applications.prompts import PromptError
-    from mupad.applications.reference_images import ReferenceImageError
-    from mupad.applications.rna_inputs import RnaInputError
-    from mupad.conditioning.base import EncoderError
-    from mupad.conditions import ConditionError
-    from mupad.config import ConfigError
-    from mupad.data.tiles import TileFolderError
-    from mupad.latents import LatentsError
-    from mupad.models import CheckpointError, ModelInputError
-    from mupad.omics.errors import OmicsError
-
-    return (
-        PromptError, ReferenceImageError, RnaInputError, RegenerationError, EncoderError,
-        ConditionError, ConfigError, TileFolderError, LatentsError, CheckpointError,
-        ModelInputError, OmicsError, DefaultModelError, FileNotFoundError,
-    )  # fmt: skip
-
-
-def fail(error: BaseException) -> typer.Exit:
-    console.print(f"[red]error[/red]: {escape(str(error))}", soft_wrap=True)
-    return typer.Exit(code=2)
 
 
 def build_sample_config(
@@ -285,60 +257,56 @@ def generate(
         "id": record_id,
     }  # fmt: skip
     given = [f"--{k.replace('_', '-')}" for k, v in single.items() if v is not None]
-    errors = input_errors()
-    try:
-        if from_sidecar is not None:
-            if prompts is not None or given:
-                raise typer.BadParameter("--from-sidecar takes no prompt options")
-            _regenerate(from_sidecar, out, checkpoint, device)
-            return
-        if checkpoint is None:
-            from mupad.applications.default_model import default_checkpoint
+    if from_sidecar is not None:
+        if prompts is not None or given:
+            raise typer.BadParameter("--from-sidecar takes no prompt options")
+        _regenerate(from_sidecar, out, checkpoint, device)
+        return
+    if checkpoint is None:
+        from mupad.applications.default_model import default_checkpoint
 
-            checkpoint = default_checkpoint()
-            console.print(f"using the demo model {checkpoint} (no --checkpoint given)")
-        if prompts is not None and given:
-            raise typer.BadParameter(
-                f"give either --prompts or single-prompt options ({', '.join(given)}), not both"
-            )
-        from mupad.applications.batch_generate import FlatLayout, generate_records
-        from mupad.applications.generation_model import GenerationModel
-        from mupad.applications.prompts import (
-            parse_modalities,
-            read_prompt_file,
-            record_from_fields,
+        checkpoint = default_checkpoint()
+        console.print(f"using the demo model {checkpoint} (no --checkpoint given)")
+    if prompts is not None and given:
+        raise typer.BadParameter(
+            f"give either --prompts or single-prompt options ({', '.join(given)}), not both"
         )
+    from mupad.applications.batch_generate import FlatLayout, generate_records
+    from mupad.applications.generation_model import GenerationModel
+    from mupad.applications.prompts import (
+        parse_modalities,
+        read_prompt_file,
+        record_from_fields,
+    )
 
-        modalities = parse_modalities(conditions)
-        if prompts is not None:
-            records = read_prompt_file(prompts, seed=seed, num_images=num_images)
-        else:
-            fields = {k: v for k, v in single.items() if v is not None}
-            records = [
-                record_from_fields(
-                    fields,
-                    base=Path.cwd(),
-                    default_id="00001",
-                    defaults={"seed": seed, "num_images": num_images},
-                )
-            ]
-        sample_config = build_sample_config(
-            sampler, steps, guidance_schedule, guidance_start, guidance_end, guidance_mode,
-            image_scale, text_scale, rna_scale, guidance_t_low, guidance_t_high,
-            guidance_skip_below, seed,
-        )  # fmt: skip
-        settings = generation_settings(
-            checkpoint, text_encoder=text_encoder, image_encoder=image_encoder, latents=latents,
-            model_mpp=model_mpp, rna_pathways=rna_pathways, rna_standardiser=rna_standardiser,
-            gene_sets=gene_sets, size=size, bf16=bf16, device=device, batch_size=batch_size,
-        )  # fmt: skip
-        model = GenerationModel(settings)
-        report = generate_records(
-            model, records, sample_config, FlatLayout(out),
-            modalities=modalities, overwrite=overwrite, progress=progress,
-        )  # fmt: skip
-    except errors as error:
-        raise fail(error) from None
+    modalities = parse_modalities(conditions)
+    if prompts is not None:
+        records = read_prompt_file(prompts, seed=seed, num_images=num_images)
+    else:
+        fields = {k: v for k, v in single.items() if v is not None}
+        records = [
+            record_from_fields(
+                fields,
+                base=Path.cwd(),
+                default_id="00001",
+                defaults={"seed": seed, "num_images": num_images},
+            )
+        ]
+    sample_config = build_sample_config(
+        sampler, steps, guidance_schedule, guidance_start, guidance_end, guidance_mode,
+        image_scale, text_scale, rna_scale, guidance_t_low, guidance_t_high,
+        guidance_skip_below, seed,
+    )  # fmt: skip
+    settings = generation_settings(
+        checkpoint, text_encoder=text_encoder, image_encoder=image_encoder, latents=latents,
+        model_mpp=model_mpp, rna_pathways=rna_pathways, rna_standardiser=rna_standardiser,
+        gene_sets=gene_sets, size=size, bf16=bf16, device=device, batch_size=batch_size,
+    )  # fmt: skip
+    model = GenerationModel(settings)
+    report = generate_records(
+        model, records, sample_config, FlatLayout(out),
+        modalities=modalities, overwrite=overwrite, progress=progress,
+    )  # fmt: skip
     console.print(
         f"[green]wrote[/green] {len(report.written)} image(s) + sidecar JSONs to {out} "
         f"({report.records} record(s); {len(report.skipped)} already there, skipped)",
@@ -415,40 +383,36 @@ def augment(
     """
     import json
 
-    errors = input_errors()
-    try:
-        from mupad.applications.augment import augment_folder
-        from mupad.applications.generation_model import GenerationModel
-        from mupad.applications.prompts import PromptError, parse_modalities
+    from mupad.applications.augment import augment_folder
+    from mupad.applications.generation_model import GenerationModel
+    from mupad.applications.prompts import PromptError, parse_modalities
 
-        modalities = parse_modalities(conditions)
-        caption_map = None
-        if captions is not None:
-            try:
-                caption_map = json.loads(Path(captions).read_text())
-            except (OSError, json.JSONDecodeError) as error:
-                raise PromptError(f"cannot read captions {captions}: {error}") from None
-            if not isinstance(caption_map, dict) or not all(
-                isinstance(v, str) for v in caption_map.values()
-            ):
-                raise PromptError(f"{captions} must be a JSON object {{class: caption}}")
-        sample_config = build_sample_config(
-            sampler, steps, guidance_schedule, guidance_start, guidance_end, guidance_mode,
-            image_scale, text_scale, rna_scale, guidance_t_low, guidance_t_high,
-            guidance_skip_below, seed,
-        )  # fmt: skip
-        settings = generation_settings(
-            checkpoint, text_encoder=text_encoder, image_encoder=image_encoder, latents=latents,
-            model_mpp=model_mpp, size=size, bf16=bf16, device=device, batch_size=batch_size,
-        )  # fmt: skip
-        result = augment_folder(
-            data, GenerationModel(settings), out,
-            per_image=per_image, sample_config=sample_config, captions=caption_map,
-            include_real=include_real, mpp=mpp, seed=seed,
-            modalities=modalities or (), overwrite=overwrite, progress=progress,
-        )  # fmt: skip
-    except errors as error:
-        raise fail(error) from None
+    modalities = parse_modalities(conditions)
+    caption_map = None
+    if captions is not None:
+        try:
+            caption_map = json.loads(Path(captions).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise PromptError(f"cannot read captions {captions}: {error}") from None
+        if not isinstance(caption_map, dict) or not all(
+            isinstance(v, str) for v in caption_map.values()
+        ):
+            raise PromptError(f"{captions} must be a JSON object {{class: caption}}")
+    sample_config = build_sample_config(
+        sampler, steps, guidance_schedule, guidance_start, guidance_end, guidance_mode,
+        image_scale, text_scale, rna_scale, guidance_t_low, guidance_t_high,
+        guidance_skip_below, seed,
+    )  # fmt: skip
+    settings = generation_settings(
+        checkpoint, text_encoder=text_encoder, image_encoder=image_encoder, latents=latents,
+        model_mpp=model_mpp, size=size, bf16=bf16, device=device, batch_size=batch_size,
+    )  # fmt: skip
+    result = augment_folder(
+        data, GenerationModel(settings), out,
+        per_image=per_image, sample_config=sample_config, captions=caption_map,
+        include_real=include_real, mpp=mpp, seed=seed,
+        modalities=modalities or (), overwrite=overwrite, progress=progress,
+    )  # fmt: skip
     report = result.report
     console.print(
         f"[green]wrote[/green] {len(report.written)} synthetic image(s) for {report.records} real "

@@ -27,38 +27,26 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mupad.applications.he2mif import IntensityNormalization, MIFError
-from mupad.conditioning.base import EncoderError
+from mupad.applications.he2mif import IntensityNormalization
+from mupad.commands.errors import MupadGroup
 from mupad.config import (
-    ConfigError,
     GuidanceConfig,
     GuidanceScheduleKind,
     SampleConfig,
     SamplerKind,
     TrainConfig,
 )
-from mupad.latents import LatentsError
-from mupad.models.errors import CheckpointError
 from mupad.precision import PrecisionChoice, resolve_precision
-from mupad.training.checkpoint import ResumeError
 
 mif_app = typer.Typer(
+    cls=MupadGroup,
     help="H&E -> multiplex immunofluorescence: one intensity map per marker from H&E tiles.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
 console = Console(stderr=True)
 
-_ERRORS = (
-    MIFError, ConfigError, EncoderError, LatentsError, CheckpointError, ResumeError,
-    FileNotFoundError,
-)  # fmt: skip
 _DEFAULTS = TrainConfig()
-
-
-def _fail(exc: Exception) -> typer.Exit:
-    console.print(f"[red]error[/red]: {exc}")
-    return typer.Exit(2)
 
 
 def _without_nan(value):
@@ -142,27 +130,24 @@ def train(
     from mupad.applications.he2mif import load_mif_folder, normalize_intensities, train_mif
 
     started = time.perf_counter()
-    try:
-        names = [name.strip() for name in markers.split(",")]
-        folder = load_mif_folder(data, names)
-        unit, scales = normalize_intensities(folder.mif, normalize, percentile)
-        config = TrainConfig(
-            steps=steps, batch_size=batch_size, learning_rate=lr, warmup_steps=warmup_steps,
-            ema_decay=ema_decay, precision=resolve_precision(precision, device),
-            condition_dropout=condition_dropout,
-            grad_accumulation=grad_accumulation, checkpoint_every=checkpoint_every, seed=seed,
-        )  # fmt: skip
-        result = train_mif(
-            folder.he, unit, names, out, train_config=config, latents=latents,
-            image_encoder=image_encoder, encoder_weights=encoder_weights, preset=preset,
-            patch_size=patch_size, augment=augment, mpp=mpp, intensity_scales=scales,
-            metadata={"data": str(data), "num_pairs": len(folder.ids),
-                      "normalize": normalize.value, "percentile": percentile,
-                      "mif_dtype": str(folder.mif.dtype)},
-            device=_device(device), progress=progress,
-        )  # fmt: skip
-    except _ERRORS as exc:
-        raise _fail(exc) from exc
+    names = [name.strip() for name in markers.split(",")]
+    folder = load_mif_folder(data, names)
+    unit, scales = normalize_intensities(folder.mif, normalize, percentile)
+    config = TrainConfig(
+        steps=steps, batch_size=batch_size, learning_rate=lr, warmup_steps=warmup_steps,
+        ema_decay=ema_decay, precision=resolve_precision(precision, device),
+        condition_dropout=condition_dropout,
+        grad_accumulation=grad_accumulation, checkpoint_every=checkpoint_every, seed=seed,
+    )  # fmt: skip
+    result = train_mif(
+        folder.he, unit, names, out, train_config=config, latents=latents,
+        image_encoder=image_encoder, encoder_weights=encoder_weights, preset=preset,
+        patch_size=patch_size, augment=augment, mpp=mpp, intensity_scales=scales,
+        metadata={"data": str(data), "num_pairs": len(folder.ids),
+                  "normalize": normalize.value, "percentile": percentile,
+                  "mif_dtype": str(folder.mif.dtype)},
+        device=_device(device), progress=progress,
+    )  # fmt: skip
     console.print(
         f"[green]trained[/green] {out}: {len(folder.ids)} pairs, {len(names)} markers, step "
         f"{result.step}, loss {result.last_loss:.4f}, {time.perf_counter() - started:.0f} s"
@@ -189,19 +174,14 @@ def apply(
     """Translate H&E images into K-channel mIF OME-TIFFs (marker-named channels) + sidecars."""
     from mupad.applications.he2mif import MIFTranslator, apply_mif
 
-    try:
-        translator = MIFTranslator.from_pretrained(
-            checkpoint,
-            sample_config=_sample_config(
-                sampler, steps, guidance_schedule, guidance_start, guidance_end, seed
-            ),
-            device=_device(device), batch_size=batch_size, encoder_weights=encoder_weights,
-        )  # fmt: skip
-        result = apply_mif(
-            translator, he, out, provenance={"run": str(checkpoint)}, progress=progress
-        )
-    except _ERRORS as exc:
-        raise _fail(exc) from exc
+    translator = MIFTranslator.from_pretrained(
+        checkpoint,
+        sample_config=_sample_config(
+            sampler, steps, guidance_schedule, guidance_start, guidance_end, seed
+        ),
+        device=_device(device), batch_size=batch_size, encoder_weights=encoder_weights,
+    )  # fmt: skip
+    result = apply_mif(translator, he, out, provenance={"run": str(checkpoint)}, progress=progress)
     console.print(f"[green]wrote[/green] {len(result.outputs)} mIF stack(s) to {result.out}")
     typer.echo(json.dumps({"out": str(result.out), "num_images": len(result.outputs)}))
 
@@ -231,23 +211,20 @@ def evaluate(
     )
     from mupad.config import to_dict
 
-    try:
-        translator = MIFTranslator.from_pretrained(
-            checkpoint,
-            sample_config=_sample_config(
-                sampler, steps, guidance_schedule, guidance_start, guidance_end, seed
-            ),
-            device=_device(device), batch_size=batch_size, encoder_weights=encoder_weights,
-        )  # fmt: skip
-        folder = load_mif_folder(data, translator.channel_names)
-        scales = translator.metadata.get("intensity_scales")
-        if scales:  # the training set's scaling, applied to the held-out stacks
-            truth = apply_intensity_scales(folder.mif, scales)
-        else:
-            truth, _ = normalize_intensities(folder.mif, IntensityNormalization.DTYPE)
-        metrics = evaluate_mif(translator, folder.he, truth)
-    except _ERRORS as exc:
-        raise _fail(exc) from exc
+    translator = MIFTranslator.from_pretrained(
+        checkpoint,
+        sample_config=_sample_config(
+            sampler, steps, guidance_schedule, guidance_start, guidance_end, seed
+        ),
+        device=_device(device), batch_size=batch_size, encoder_weights=encoder_weights,
+    )  # fmt: skip
+    folder = load_mif_folder(data, translator.channel_names)
+    scales = translator.metadata.get("intensity_scales")
+    if scales:  # the training set's scaling, applied to the held-out stacks
+        truth = apply_intensity_scales(folder.mif, scales)
+    else:
+        truth, _ = normalize_intensities(folder.mif, IntensityNormalization.DTYPE)
+    metrics = evaluate_mif(translator, folder.he, truth)
     table = Table(title=f"mean patch PCC over {metrics['num_patches']} patches")
     table.add_column("marker")
     table.add_column("PCC", justify="right")

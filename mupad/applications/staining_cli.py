@@ -25,9 +25,8 @@ from mupad.applications.he2ihc import (
     HE2IHCError,
 )
 from mupad.applications.serial_pairs import PairingError
-from mupad.conditioning.base import EncoderError
+from mupad.commands.errors import MupadGroup
 from mupad.config import (
-    ConfigError,
     GuidanceConfig,
     GuidanceMode,
     GuidanceScheduleKind,
@@ -36,34 +35,16 @@ from mupad.config import (
     SamplerKind,
     TrainConfig,
 )
-from mupad.data.tiles import TileFolderError
-from mupad.data.wsi import SlideError
-from mupad.training.checkpoint import ResumeError
 
 _FLOW = EmbeddingFlowConfig()
 
 staining_app = typer.Typer(
+    cls=MupadGroup,
     help="H&E -> IHC: a rectified flow from H&E to IHC embeddings + a SiT fine-tuned on IHC.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
 console = Console(stderr=True)
-
-_ERRORS = (
-    HE2IHCError,
-    PairingError,
-    ConfigError,
-    FileNotFoundError,
-    SlideError,
-    EncoderError,
-    ResumeError,
-    TileFolderError,
-)
-
-
-def _fail(exc: Exception) -> typer.Exit:
-    console.print(f"[red]error[/red]: {exc}")
-    return typer.Exit(2)
 
 
 def _parse_blocks(text: str) -> tuple[int, int]:
@@ -174,25 +155,22 @@ def pairs(
     """Register two serial sections (affine on landmarks) and write matched patch pairs."""
     from mupad.applications.serial_pairs import write_pairs
 
-    try:
-        found, split, fit = _pairs_from_sections(
-            he,
-            ihc,
-            landmarks,
-            landmark_scale,
-            patch_size,
-            num_pairs,
-            grid,
-            min_tissue,
-            heldout_fraction,
-            blocks,
-            seed,
-            mpp,
-            min_ihc_signal,
-        )
-        write_pairs(found, out, split)
-    except _ERRORS as exc:
-        raise _fail(exc) from exc
+    found, split, fit = _pairs_from_sections(
+        he,
+        ihc,
+        landmarks,
+        landmark_scale,
+        patch_size,
+        num_pairs,
+        grid,
+        min_tissue,
+        heldout_fraction,
+        blocks,
+        seed,
+        mpp,
+        min_ihc_signal,
+    )
+    write_pairs(found, out, split)
     _report_fit(fit)
     counts = {name: int((split == name).sum()) for name in ("train", "heldout", "")}
     console.print(
@@ -260,60 +238,57 @@ def train_flow(
     from mupad.applications.serial_pairs import read_pairs, write_pairs
 
     started = time.perf_counter()
-    try:
-        if pairs is not None:
-            if he is not None or ihc is not None:
-                raise HE2IHCError("give either --pairs or --he/--ihc/--landmarks, not both")
-            found, split = read_pairs(pairs)
-        elif he is not None and ihc is not None:
-            found, split, fit = _pairs_from_sections(
-                he,
-                ihc,
-                landmarks or [],
-                landmark_scale,
-                patch_size,
-                num_pairs,
-                False,
-                min_tissue,
-                heldout_fraction,
-                blocks,
-                seed,
-                mpp,
-                min_ihc_signal,
-            )
-            _report_fit(fit)
-            write_pairs(found, out / "pairs", split)
-        else:
-            raise HE2IHCError(
-                "give --pairs DIR, or --he IMG --ihc IMG --landmarks HE.csv --landmarks IHC.csv"
-            )
-        config = EmbeddingFlowConfig(
-            hidden=hidden,
-            blocks=flow_blocks,
-            steps=steps,
-            batch_size=batch_size,
-            learning_rate=lr,
-            weight_decay=weight_decay,
-            sample_steps=sample_steps,
-            components=components,
-            dropout=dropout,
-            source_noise=source_noise,
-            eval_every=eval_every,
-            seed=seed,
+    if pairs is not None:
+        if he is not None or ihc is not None:
+            raise HE2IHCError("give either --pairs or --he/--ihc/--landmarks, not both")
+        found, split = read_pairs(pairs)
+    elif he is not None and ihc is not None:
+        found, split, fit = _pairs_from_sections(
+            he,
+            ihc,
+            landmarks or [],
+            landmark_scale,
+            patch_size,
+            num_pairs,
+            False,
+            min_tissue,
+            heldout_fraction,
+            blocks,
+            seed,
+            mpp,
+            min_ihc_signal,
         )
-        spec = EmbeddingSpec(encoder=encoder, image_size=encoder_image_size, tokens=tokens)
-        _, metrics = train_flow_from_pairs(
-            found,
-            out,
-            config,
-            spec,
-            split=split,
-            heldout_fraction=heldout_fraction,
-            device=device,
-            progress=progress,
+        _report_fit(fit)
+        write_pairs(found, out / "pairs", split)
+    else:
+        raise HE2IHCError(
+            "give --pairs DIR, or --he IMG --ihc IMG --landmarks HE.csv --landmarks IHC.csv"
         )
-    except _ERRORS as exc:
-        raise _fail(exc) from exc
+    config = EmbeddingFlowConfig(
+        hidden=hidden,
+        blocks=flow_blocks,
+        steps=steps,
+        batch_size=batch_size,
+        learning_rate=lr,
+        weight_decay=weight_decay,
+        sample_steps=sample_steps,
+        components=components,
+        dropout=dropout,
+        source_noise=source_noise,
+        eval_every=eval_every,
+        seed=seed,
+    )
+    spec = EmbeddingSpec(encoder=encoder, image_size=encoder_image_size, tokens=tokens)
+    _, metrics = train_flow_from_pairs(
+        found,
+        out,
+        config,
+        spec,
+        split=split,
+        heldout_fraction=heldout_fraction,
+        device=device,
+        progress=progress,
+    )
     console.print(format_metrics(metrics))
     console.print(
         f"[green]wrote[/green] {out} (config.json, model.safetensors, stats.safetensors, "
@@ -357,55 +332,52 @@ def train_generator(
     from mupad.config import to_dict
     from mupad.data.tiles import load_image_tiles
 
-    try:
-        embedding_flow = EmbeddingFlow.from_pretrained(flow)
-        spec = EmbeddingSpec.from_metadata(embedding_flow.metadata)
-        if (pairs is None) == (tiles is None):
-            raise HE2IHCError("give exactly one of --pairs or --tiles")
-        if pairs is not None:
-            found, split = read_pairs(pairs)
-            rows = np.flatnonzero(split == "train") if split is not None else np.arange(len(found))
-            images = torch.from_numpy(found.ihc[rows]).permute(0, 3, 1, 2).contiguous()
-        else:
-            images = load_image_tiles(tiles).images  # type: ignore[arg-type]
-        embeddings = embed_tiles(spec.build(device), images, spec.tokens, progress=progress)
-        config = TrainConfig(
-            steps=steps,
-            batch_size=batch_size,
-            learning_rate=lr,
-            ema_decay=ema_decay,
-            precision=precision,
-            checkpoint_every=checkpoint_every,
-            seed=seed,
-        )
-        result = train_ihc_generator(
-            images,
-            embeddings,
-            out,
-            train_config=config,
-            preset=preset,
-            patch_size=patch_size,
-            model_overrides={
-                name: value
-                for name, value in (
-                    ("hidden_size", hidden_size),
-                    ("depth", depth),
-                    ("num_heads", heads),
-                )
-                if value
-            },
-            init_from=init_from,
-            metadata={
-                "embedding": to_dict(spec),
-                "mpp": embedding_flow.metadata.get("mpp"),
-                "flow": str(flow),
-                "tiles": str(pairs or tiles),
-            },
-            device=device,
-            progress=progress,
-        )
-    except _ERRORS as exc:
-        raise _fail(exc) from exc
+    embedding_flow = EmbeddingFlow.from_pretrained(flow)
+    spec = EmbeddingSpec.from_metadata(embedding_flow.metadata)
+    if (pairs is None) == (tiles is None):
+        raise HE2IHCError("give exactly one of --pairs or --tiles")
+    if pairs is not None:
+        found, split = read_pairs(pairs)
+        rows = np.flatnonzero(split == "train") if split is not None else np.arange(len(found))
+        images = torch.from_numpy(found.ihc[rows]).permute(0, 3, 1, 2).contiguous()
+    else:
+        images = load_image_tiles(tiles).images  # type: ignore[arg-type]
+    embeddings = embed_tiles(spec.build(device), images, spec.tokens, progress=progress)
+    config = TrainConfig(
+        steps=steps,
+        batch_size=batch_size,
+        learning_rate=lr,
+        ema_decay=ema_decay,
+        precision=precision,
+        checkpoint_every=checkpoint_every,
+        seed=seed,
+    )
+    result = train_ihc_generator(
+        images,
+        embeddings,
+        out,
+        train_config=config,
+        preset=preset,
+        patch_size=patch_size,
+        model_overrides={
+            name: value
+            for name, value in (
+                ("hidden_size", hidden_size),
+                ("depth", depth),
+                ("num_heads", heads),
+            )
+            if value
+        },
+        init_from=init_from,
+        metadata={
+            "embedding": to_dict(spec),
+            "mpp": embedding_flow.metadata.get("mpp"),
+            "flow": str(flow),
+            "tiles": str(pairs or tiles),
+        },
+        device=device,
+        progress=progress,
+    )
     console.print(f"[green]trained[/green] {out}: step {result.step}, loss {result.last_loss:.4f}")
 
 
@@ -432,38 +404,35 @@ def apply(
     """Translate H&E tiles to IHC: embedding -> flow -> IHC-fine-tuned SiT."""
     from mupad.applications.he2ihc import HEToIHCTranslator, apply_to_he
 
-    try:
-        sample_config = SampleConfig(
-            sampler=sampler,
-            num_steps=steps,
-            guidance=GuidanceConfig(
-                schedule=guidance_schedule,
-                start=guidance_start,
-                end=guidance_end,
-                mode=GuidanceMode.JOINT,
-            ),
-            seed=seed,
-        )
-        translator = HEToIHCTranslator.from_pretrained(
-            flow,
-            checkpoint,
-            sample_config=sample_config,
-            flow_steps=flow_steps or None,
-            device=device,
-            batch_size=batch_size,
-        )
-        result = apply_to_he(
-            translator,
-            he,
-            out,
-            min_tissue=min_tissue,
-            max_tiles=max_tiles,
-            mpp=mpp,
-            provenance={"flow": str(flow), "checkpoint": str(checkpoint)},
-            progress=progress,
-        )
-    except _ERRORS as exc:
-        raise _fail(exc) from exc
+    sample_config = SampleConfig(
+        sampler=sampler,
+        num_steps=steps,
+        guidance=GuidanceConfig(
+            schedule=guidance_schedule,
+            start=guidance_start,
+            end=guidance_end,
+            mode=GuidanceMode.JOINT,
+        ),
+        seed=seed,
+    )
+    translator = HEToIHCTranslator.from_pretrained(
+        flow,
+        checkpoint,
+        sample_config=sample_config,
+        flow_steps=flow_steps or None,
+        device=device,
+        batch_size=batch_size,
+    )
+    result = apply_to_he(
+        translator,
+        he,
+        out,
+        min_tissue=min_tissue,
+        max_tiles=max_tiles,
+        mpp=mpp,
+        provenance={"flow": str(flow), "checkpoint": str(checkpoint)},
+        progress=progress,
+    )
     console.print(
         f"[green]wrote[/green] {result.num_tiles} IHC tiles to {result.out}"
         + (f" (+ {result.mosaic.name})" if result.mosaic else "")

@@ -13,16 +13,16 @@ from mupad.applications.wsi import (
     DEFAULT_OVERLAP_PX,
     OutputDtype,
     TranslatorOptions,
-    WsiTranslationError,
     build_translator,
     resolve_translator_factory,
     translate_slide,
     translator_names,
 )
-from mupad.data.wsi.errors import SlideError
-from mupad.data.wsi.pyramid_writer import PyramidWriteError, TiffCompression
+from mupad.commands.errors import MupadGroup
+from mupad.data.wsi.pyramid_writer import TiffCompression
 
 wsi_app = typer.Typer(
+    cls=MupadGroup,
     help="Whole-slide translation (H&E -> IHC / mIF, FF -> FFPE, identity) into pyramidal TIFFs.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
@@ -108,37 +108,33 @@ def translate(
 ) -> None:
     """Translate SLIDE tile by tile (overlaps blended without seams) into a pyramidal TIFF."""
     try:
-        try:
-            resolve_translator_factory(translator)
-            background_values = (
-                None if background is None else [float(v) for v in background.split(",")]
-            )
-        except ValueError as exc:
-            raise typer.BadParameter(str(exc)) from exc
-        options = TranslatorOptions(
-            device=device,
-            batch_size=batch_size,
-            tile_size=tile_size,
-            mpp=mpp,
-            extra=_parse_options(option),
+        resolve_translator_factory(translator)
+        background_values = (
+            None if background is None else [float(v) for v in background.split(",")]
         )
-        model = build_translator(translator, checkpoint, options)
-        result = translate_slide(
-            slide,
-            model,
-            out,
-            overlap=overlap,
-            tissue_only=tissue_only,
-            min_tissue=min_tissue,
-            background=background_values,
-            slide_mpp=slide_mpp,
-            out_dtype=dtype,
-            compression=compression,
-            progress=progress,
-        )
-    except (WsiTranslationError, SlideError, PyramidWriteError, typer.BadParameter) as exc:
-        console.print(f"[red]error[/red]: {exc}")
-        raise typer.Exit(2) from exc
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    options = TranslatorOptions(
+        device=device,
+        batch_size=batch_size,
+        tile_size=tile_size,
+        mpp=mpp,
+        extra=_parse_options(option),
+    )
+    model = build_translator(translator, checkpoint, options)
+    result = translate_slide(
+        slide,
+        model,
+        out,
+        overlap=overlap,
+        tissue_only=tissue_only,
+        min_tissue=min_tissue,
+        background=background_values,
+        slide_mpp=slide_mpp,
+        out_dtype=dtype,
+        compression=compression,
+        progress=progress,
+    )
     typer.echo(str(result))
 
 

@@ -30,7 +30,7 @@ from mupad.evaluation.biomarker import (
     match_labels,
     read_labels,
 )
-from mupad.evaluation.cli_support import console, fail
+from mupad.evaluation.cli_support import console
 from mupad.evaluation.images import image_files, read_rgb
 from mupad.evaluation.report import ReportSection, write_evaluation
 from mupad.evaluation.stats import EvaluationError
@@ -103,56 +103,53 @@ def evaluate_biomarker(
 ) -> None:
     """ROC AUC (stratified bootstrap 95 % interval) of the DAB-positive fraction per image
     against binary case labels, with the Youden threshold for information."""
-    try:
-        stems, scores = score_folder(ihc_dir, dab_threshold, tissue_threshold)
-        case_labels = match_labels(stems, read_labels(labels))
-        result = biomarker_auc(
-            scores, case_labels, exclude_equivocal=exclude_equivocal, iterations=bootstrap,
-            seed=seed,
-        )  # fmt: skip
-        out.mkdir(parents=True, exist_ok=True)
-        table = pd.DataFrame(
-            {"image": stems, "label": [c.value for c in case_labels], "dab_fraction": scores}
-        )
-        section = ReportSection(
-            title="Biomarker AUC",
-            metrics={
-                "auc": result.auc,
-                "youden_threshold": result.youden.threshold,
-                "youden_sensitivity": result.youden.sensitivity,
-                "youden_specificity": result.youden.specificity,
-                "num_positive": result.num_positive,
-                "num_negative": result.num_negative,
-                "num_excluded_equivocal": result.num_excluded_equivocal,
-            },
-            figures=[_roc_figure(result, out)],
-            table=table,
-            notes=(
-                (
-                    "Score: the share of tissue pixels (summed RGB optical density > "
-                    f"{tissue_threshold}) whose DAB optical density (rgb2hed units) exceeds "
-                    f"{dab_threshold}. Meant for hematoxylin-DAB images, not H&E."
-                ),
-                (
-                    "AUC = P(score of a positive case > score of a negative case) + half the "
-                    f"ties; interval: stratified bootstrap, {bootstrap} resamples, seed {seed}."
-                ),
-                (
-                    "The Youden threshold is chosen on these same cases, so its sensitivity "
-                    "and specificity are optimistic; it is reported for information only."
-                ),
+    stems, scores = score_folder(ihc_dir, dab_threshold, tissue_threshold)
+    case_labels = match_labels(stems, read_labels(labels))
+    result = biomarker_auc(
+        scores, case_labels, exclude_equivocal=exclude_equivocal, iterations=bootstrap,
+        seed=seed,
+    )  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    table = pd.DataFrame(
+        {"image": stems, "label": [c.value for c in case_labels], "dab_fraction": scores}
+    )
+    section = ReportSection(
+        title="Biomarker AUC",
+        metrics={
+            "auc": result.auc,
+            "youden_threshold": result.youden.threshold,
+            "youden_sensitivity": result.youden.sensitivity,
+            "youden_specificity": result.youden.specificity,
+            "num_positive": result.num_positive,
+            "num_negative": result.num_negative,
+            "num_excluded_equivocal": result.num_excluded_equivocal,
+        },
+        figures=[_roc_figure(result, out)],
+        table=table,
+        notes=(
+            (
+                "Score: the share of tissue pixels (summed RGB optical density > "
+                f"{tissue_threshold}) whose DAB optical density (rgb2hed units) exceeds "
+                f"{dab_threshold}. Meant for hematoxylin-DAB images, not H&E."
             ),
-        )
-        config = {
-            "ihc_dir": ihc_dir.resolve(), "labels": labels.resolve(),
-            "exclude_equivocal": exclude_equivocal, "dab_threshold": dab_threshold,
-            "tissue_threshold": tissue_threshold, "bootstrap": bootstrap, "seed": seed,
-        }  # fmt: skip
-        metrics_path, report_path = write_evaluation(
-            out, "Biomarker AUC from virtual IHC", [section], config
-        )
-    except EvaluationError as exc:
-        raise fail(exc) from exc
+            (
+                "AUC = P(score of a positive case > score of a negative case) + half the "
+                f"ties; interval: stratified bootstrap, {bootstrap} resamples, seed {seed}."
+            ),
+            (
+                "The Youden threshold is chosen on these same cases, so its sensitivity "
+                "and specificity are optimistic; it is reported for information only."
+            ),
+        ),
+    )
+    config = {
+        "ihc_dir": ihc_dir.resolve(), "labels": labels.resolve(),
+        "exclude_equivocal": exclude_equivocal, "dab_threshold": dab_threshold,
+        "tissue_threshold": tissue_threshold, "bootstrap": bootstrap, "seed": seed,
+    }  # fmt: skip
+    metrics_path, report_path = write_evaluation(
+        out, "Biomarker AUC from virtual IHC", [section], config
+    )
     console.print(f"AUC: {result.auc}")
     console.print(f"[green]wrote[/green] {metrics_path} and {report_path}")
     typer.echo(json.dumps({"out": str(out), **result.to_dict()}))

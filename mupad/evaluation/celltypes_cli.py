@@ -31,7 +31,7 @@ from mupad.evaluation.celltypes import (
     config_dict,
     profile_images,
 )
-from mupad.evaluation.cli_support import console, fail
+from mupad.evaluation.cli_support import console
 from mupad.evaluation.images import image_files, read_rgb
 from mupad.evaluation.report import ReportSection, write_evaluation
 from mupad.evaluation.stats import EvaluationError
@@ -99,60 +99,57 @@ def evaluate_celltypes(
 ) -> None:
     """Per-type Wasserstein distance between real and generated cell-type proportions,
     nucleus counts and densities (bootstrap 95 % intervals)."""
-    try:
-        if not mpp > 0:
-            raise EvaluationError(f"--mpp must be a positive pixel size in µm, got {mpp}")
-        cell_model = build_cell_type_model(model, mpp=mpp)
-        real_profile = profile_folder(real, cell_model, "real")
-        generated_profile = profile_folder(generated, cell_model, "generated")
-        comparison = compare_profiles(
-            real_profile, generated_profile, model=cell_model.name, mpp=mpp,
-            iterations=bootstrap, seed=seed,
-        )  # fmt: skip
-        out.mkdir(parents=True, exist_ok=True)
-        metrics = {
-            **{f"wasserstein_{t}": comparison.wasserstein[t] for t in comparison.cell_types},
-            "nuclei_per_image_real": comparison.nuclei_per_image_real,
-            "nuclei_per_image_generated": comparison.nuclei_per_image_generated,
-            "density_wasserstein_per_mm2": comparison.density_wasserstein,
-            "num_real": comparison.num_images[0],
-            "num_generated": comparison.num_images[1],
-            "num_real_without_nuclei": comparison.num_empty[0],
-            "num_generated_without_nuclei": comparison.num_empty[1],
-        }
-        section = ReportSection(
-            title="Cell-type fidelity",
-            metrics=metrics,
-            figures=[_proportion_figure(comparison, out)],
-            table=_table(comparison),
-            notes=(
-                (
-                    f"Model {cell_model.name!r} at {mpp} µm/px: nuclei segmented and typed per "
-                    "image; per type, the 1-D Wasserstein distance between the real and the "
-                    "generated per-image proportions (0 = identical distributions)."
-                ),
-                (
-                    "Images without any nucleus have no proportions and are left out of them "
-                    "(counted above); densities are nuclei per mm² of image area."
-                ),
-                (
-                    f"Intervals: bootstrap percentile, each set resampled over its images, "
-                    f"{bootstrap} resamples, seed {seed}."
-                ),
-                (
-                    "The classical model is morphology heuristics (size, shape, hematoxylin "
-                    "darkness), not a trained classifier: read the types as 'lymphocyte-like' "
-                    "etc. (see mupad.evaluation.celltypes)."
-                ),
+    if not mpp > 0:
+        raise EvaluationError(f"--mpp must be a positive pixel size in µm, got {mpp}")
+    cell_model = build_cell_type_model(model, mpp=mpp)
+    real_profile = profile_folder(real, cell_model, "real")
+    generated_profile = profile_folder(generated, cell_model, "generated")
+    comparison = compare_profiles(
+        real_profile, generated_profile, model=cell_model.name, mpp=mpp,
+        iterations=bootstrap, seed=seed,
+    )  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = {
+        **{f"wasserstein_{t}": comparison.wasserstein[t] for t in comparison.cell_types},
+        "nuclei_per_image_real": comparison.nuclei_per_image_real,
+        "nuclei_per_image_generated": comparison.nuclei_per_image_generated,
+        "density_wasserstein_per_mm2": comparison.density_wasserstein,
+        "num_real": comparison.num_images[0],
+        "num_generated": comparison.num_images[1],
+        "num_real_without_nuclei": comparison.num_empty[0],
+        "num_generated_without_nuclei": comparison.num_empty[1],
+    }
+    section = ReportSection(
+        title="Cell-type fidelity",
+        metrics=metrics,
+        figures=[_proportion_figure(comparison, out)],
+        table=_table(comparison),
+        notes=(
+            (
+                f"Model {cell_model.name!r} at {mpp} µm/px: nuclei segmented and typed per "
+                "image; per type, the 1-D Wasserstein distance between the real and the "
+                "generated per-image proportions (0 = identical distributions)."
             ),
-        )
-        config = {
-            "generated": generated.resolve(), "real": real.resolve(), "mpp": mpp,
-            "model": config_dict(cell_model), "bootstrap": bootstrap, "seed": seed,
-        }  # fmt: skip
-        metrics_path, report_path = write_evaluation(out, "Cell-type fidelity", [section], config)
-    except EvaluationError as exc:
-        raise fail(exc) from exc
+            (
+                "Images without any nucleus have no proportions and are left out of them "
+                "(counted above); densities are nuclei per mm² of image area."
+            ),
+            (
+                f"Intervals: bootstrap percentile, each set resampled over its images, "
+                f"{bootstrap} resamples, seed {seed}."
+            ),
+            (
+                "The classical model is morphology heuristics (size, shape, hematoxylin "
+                "darkness), not a trained classifier: read the types as 'lymphocyte-like' "
+                "etc. (see mupad.evaluation.celltypes)."
+            ),
+        ),
+    )
+    config = {
+        "generated": generated.resolve(), "real": real.resolve(), "mpp": mpp,
+        "model": config_dict(cell_model), "bootstrap": bootstrap, "seed": seed,
+    }  # fmt: skip
+    metrics_path, report_path = write_evaluation(out, "Cell-type fidelity", [section], config)
     for t in comparison.cell_types:
         console.print(f"Wasserstein {t}: {comparison.wasserstein[t]}")
     console.print(f"[green]wrote[/green] {metrics_path} and {report_path}")

@@ -10,7 +10,10 @@ import importlib
 
 import typer
 
+from mupad.commands.errors import MupadGroup
+
 evaluate_app = typer.Typer(
+    cls=MupadGroup,
     help="Evaluate generated or translated images: FID/KID, similarity, mIF correlation, cell "
     "types, biomarker AUC, few-shot and retrieval benchmarks, RNA/ST spot matching. Each "
     "writes metrics.json and report.html.",

@@ -9,7 +9,6 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 
 console = Console(stderr=True)
 
@@ -23,12 +22,6 @@ WeightsOption = Annotated[
 CacheDirOption = Annotated[
     Path | None, typer.Option(help="Feature cache folder (default $MUPAD_CACHE/features)")
 ]
-
-
-def fail(exc: Exception) -> typer.Exit:
-    """Report `exc` as one red line; raise the returned Exit (exit code 2)."""
-    console.print(f"[red]error[/red]: {escape(str(exc))}")
-    return typer.Exit(2)
 
 
 def parse_int_list(text: str, option: str) -> tuple[int, ...]:

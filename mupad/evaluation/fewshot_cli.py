@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import typer
 
-from mupad.evaluation.cli_support import console, fail, parse_int_list
+from mupad.evaluation.cli_support import console, parse_int_list
 from mupad.evaluation.fewshot import (
     FewShotConfig,
     FewShotResult,
@@ -34,7 +34,6 @@ from mupad.evaluation.fewshot import (
     run_fewshot,
 )
 from mupad.evaluation.report import ReportSection, write_evaluation
-from mupad.evaluation.stats import EvaluationError
 from mupad.fileio import atomic_write_text
 
 ACCURACY_FIGURE = "accuracy.png"
@@ -168,28 +167,21 @@ def evaluate_fewshot(
         weight_decay=weight_decay, schedule=schedule, synthetic_per_shot=synthetic_per_shot,
         device=device, bf16=bf16,
     )  # fmt: skip
-    try:
-        config.validate()
-        data = load_fewshot_data(
-            train, test, augmented, image_size=size, test_per_class=test_per_class
-        )
-        result = run_fewshot(data, config, progress=progress)
-        out.mkdir(parents=True, exist_ok=True)
-        settings = {
-            "train": train.resolve(),
-            "test": test.resolve() if test is not None else None,
-            "test_per_class": test_per_class if test is None else None,
-            "augmented": augmented.resolve() if augmented is not None else None,
-            "backend": result.backend,
-            **config.to_dict(),
-        }
-        sections = _sections(result, _accuracy_figure(result, out))
-        metrics_path, report_path = write_evaluation(
-            out, "Few-shot classification", sections, settings
-        )
-        atomic_write_text(out / RESULT_NAME, json.dumps(result.to_dict(), indent=2) + "\n")
-    except EvaluationError as exc:
-        raise fail(exc) from exc
+    config.validate()
+    data = load_fewshot_data(train, test, augmented, image_size=size, test_per_class=test_per_class)
+    result = run_fewshot(data, config, progress=progress)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "train": train.resolve(),
+        "test": test.resolve() if test is not None else None,
+        "test_per_class": test_per_class if test is None else None,
+        "augmented": augmented.resolve() if augmented is not None else None,
+        "backend": result.backend,
+        **config.to_dict(),
+    }
+    sections = _sections(result, _accuracy_figure(result, out))
+    metrics_path, report_path = write_evaluation(out, "Few-shot classification", sections, settings)
+    atomic_write_text(out / RESULT_NAME, json.dumps(result.to_dict(), indent=2) + "\n")
     for summary in result.summaries:
         console.print(
             f"k={summary.shots} {summary.arm.value}: {summary.mean:.3f} ± {summary.std:.3f}"

@@ -58,7 +58,6 @@ from mupad.applications.generate_cli import (
     TLow,
     build_sample_config,
     generation_settings,
-    input_errors,
 )
 from mupad.config import GuidanceConfig, GuidanceMode, GuidanceScheduleKind, SamplerKind, to_dict
 from mupad.evaluation.cli_support import (
@@ -66,7 +65,6 @@ from mupad.evaluation.cli_support import (
     FeaturesOption,
     WeightsOption,
     console,
-    fail,
 )
 from mupad.evaluation.distances import fid_and_kid, reference_points
 from mupad.evaluation.features import (
@@ -386,150 +384,147 @@ def evaluate_generator(
         "classifier_l2": classifier_l2, "cache_dir": cache_dir or default_cache_dir(),
         "seed": seed, "overwrite": overwrite, "progress": progress,
     }  # fmt: skip
-    try:
-        refs = select_checkpoints(checkpoint, checkpoints)
+    refs = select_checkpoints(checkpoint, checkpoints)
 
-        def load(ref: CheckpointRef):
-            from mupad.applications.generation_model import GenerationModel
+    def load(ref: CheckpointRef):
+        from mupad.applications.generation_model import GenerationModel
 
-            return GenerationModel(
-                generation_settings(
-                    ref.path, text_encoder=text_encoder, latents=latents, model_mpp=model_mpp,
-                    bf16=bf16, device=device, batch_size=batch_size,
-                )
-            )  # fmt: skip
-
-        first = load(refs[-1])
-        check_text_stream(first)
-        caption_map = _read_captions(captions) if captions is not None else None
-        source = str(captions) if caption_map is not None else "the run's metadata"
-        caption_map = caption_map if caption_map is not None else run_captions(first.metadata)
-        scale = {"mpp": real_mpp, "model_mpp": first.model_mpp}
-        real_set = load_real_tiles(real, first.tile_px, what="held-out real tiles", **scale)
-        train_set = load_real_tiles(train_real, first.tile_px, what="training tiles", **scale)
-        check_captions(real_set.class_names, caption_map, source)
-        extractor = feature_extractor(features, weights, device=first.device)
-        num_generated = per_class * len(real_set.class_names)
-        caveat = check_small_sample(num_generated, len(real_set), extractor.dim, small_sample)
-        real_features, train_features = (
-            cached_features(s, extractor, settings["cache_dir"], progress=progress)
-            for s in (real_set, train_set)
-        )
-        classifier: LinearClassifier = fit_class_classifier(
-            train_features, train_set.labels.numpy(), train_set.class_names, l2=classifier_l2
-        )
-        ceiling = conditioning_accuracy(
-            classifier, real_features, real_set.class_names, real_set.labels.numpy(),
-            iterations=bootstrap, seed=seed,
+        return GenerationModel(
+            generation_settings(
+                ref.path, text_encoder=text_encoder, latents=latents, model_mpp=model_mpp,
+                bf16=bf16, device=device, batch_size=batch_size,
+            )
         )  # fmt: skip
-        num_classes = len(classifier.class_names)
-        chance = _exact(1.0 / num_classes, "exact: 1 / number of classes", num_classes)
-        context = {
-            "captions": {c: caption_map[c] for c in real_set.class_names},
-            "sample_config": sample_config, "extractor": extractor, "real": real_set,
-            "real_features": real_features, "classifier": classifier, "ceiling": ceiling,
-            "chance": chance,
-        }  # fmt: skip
-        out.mkdir(parents=True, exist_ok=True)
-        references = reference_points(real_set, real_features, extractor, settings)
-        # The floor: the real training tiles are what a generator that memorised its data
-        # would produce, so no model trained on them is expected to score below this.
-        references.update(
-            {f"{metric}_real_vs_train": value
-             for metric, value in fid_and_kid(real_features, train_features, settings).items()}
+
+    first = load(refs[-1])
+    check_text_stream(first)
+    caption_map = _read_captions(captions) if captions is not None else None
+    source = str(captions) if caption_map is not None else "the run's metadata"
+    caption_map = caption_map if caption_map is not None else run_captions(first.metadata)
+    scale = {"mpp": real_mpp, "model_mpp": first.model_mpp}
+    real_set = load_real_tiles(real, first.tile_px, what="held-out real tiles", **scale)
+    train_set = load_real_tiles(train_real, first.tile_px, what="training tiles", **scale)
+    check_captions(real_set.class_names, caption_map, source)
+    extractor = feature_extractor(features, weights, device=first.device)
+    num_generated = per_class * len(real_set.class_names)
+    caveat = check_small_sample(num_generated, len(real_set), extractor.dim, small_sample)
+    real_features, train_features = (
+        cached_features(s, extractor, settings["cache_dir"], progress=progress)
+        for s in (real_set, train_set)
+    )
+    classifier: LinearClassifier = fit_class_classifier(
+        train_features, train_set.labels.numpy(), train_set.class_names, l2=classifier_l2
+    )
+    ceiling = conditioning_accuracy(
+        classifier, real_features, real_set.class_names, real_set.labels.numpy(),
+        iterations=bootstrap, seed=seed,
+    )  # fmt: skip
+    num_classes = len(classifier.class_names)
+    chance = _exact(1.0 / num_classes, "exact: 1 / number of classes", num_classes)
+    context = {
+        "captions": {c: caption_map[c] for c in real_set.class_names},
+        "sample_config": sample_config, "extractor": extractor, "real": real_set,
+        "real_features": real_features, "classifier": classifier, "ceiling": ceiling,
+        "chance": chance,
+    }  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    references = reference_points(real_set, real_features, extractor, settings)
+    # The floor: the real training tiles are what a generator that memorised its data
+    # would produce, so no model trained on them is expected to score below this.
+    references.update(
+        {f"{metric}_real_vs_train": value
+         for metric, value in fid_and_kid(real_features, train_features, settings).items()}
+    )  # fmt: skip
+    sections, results, described = [], [], []
+    for ref in refs:
+        model = first if ref == refs[-1] else load(ref)
+        if model.tile_px != first.tile_px:
+            raise EvaluationError(
+                f"{ref.path} generates {model.tile_px} px tiles but {refs[-1].path} "
+                f"{first.tile_px} px; evaluate checkpoints of one run together"
+            )
+        section, numbers = _evaluate_checkpoint(ref, model, context, settings)
+        sections.append(section)
+        results.append(numbers)
+        described.append(
+            {**ref.to_dict(), "model_dir": str(model.model_dir),
+             "ema": model.model_dir.name == "ema", "weights_sha256": model.weights_sha256}
         )  # fmt: skip
-        sections, results, described = [], [], []
-        for ref in refs:
-            model = first if ref == refs[-1] else load(ref)
-            if model.tile_px != first.tile_px:
-                raise EvaluationError(
-                    f"{ref.path} generates {model.tile_px} px tiles but {refs[-1].path} "
-                    f"{first.tile_px} px; evaluate checkpoints of one run together"
-                )
-            section, numbers = _evaluate_checkpoint(ref, model, context, settings)
-            sections.append(section)
-            results.append(numbers)
-            described.append(
-                {**ref.to_dict(), "model_dir": str(model.model_dir),
-                 "ema": model.model_dir.name == "ema", "weights_sha256": model.weights_sha256}
-            )  # fmt: skip
-        notes = _setup_notes(extractor, settings, first.tile_px)
-        if caveat is not None:
-            notes.append(caveat)
-        head = [
-            ReportSection(
-                title="Setup",
-                metrics={
-                    "num_classes": num_classes,
-                    "num_real_heldout": len(real_set),
-                    "num_real_train": len(train_set),
-                    "per_class": per_class,
-                    "tile_px": first.tile_px,
-                    "feature_dim": extractor.dim,
-                },
-                notes=notes,
-            ),
-            ReportSection(
-                title="Reference points",
-                metrics=references,
-                notes=(
-                    "real vs noise: held-out real tiles against as many uniform-noise images.",
-                    (
-                        "real vs blurred: held-out real tiles against themselves blurred "
-                        f"(Gaussian, sigma {blur_sigma} px)."
-                    ),
-                    (
-                        "real vs train: held-out real tiles against the real training tiles "
-                        f"({len(train_set)}), the floor a generator of the training "
-                        "distribution can reach."
-                    ),
+    notes = _setup_notes(extractor, settings, first.tile_px)
+    if caveat is not None:
+        notes.append(caveat)
+    head = [
+        ReportSection(
+            title="Setup",
+            metrics={
+                "num_classes": num_classes,
+                "num_real_heldout": len(real_set),
+                "num_real_train": len(train_set),
+                "per_class": per_class,
+                "tile_px": first.tile_px,
+                "feature_dim": extractor.dim,
+            },
+            notes=notes,
+        ),
+        ReportSection(
+            title="Reference points",
+            metrics=references,
+            notes=(
+                "real vs noise: held-out real tiles against as many uniform-noise images.",
+                (
+                    "real vs blurred: held-out real tiles against themselves blurred "
+                    f"(Gaussian, sigma {blur_sigma} px)."
+                ),
+                (
+                    "real vs train: held-out real tiles against the real training tiles "
+                    f"({len(train_set)}), the floor a generator of the training "
+                    "distribution can reach."
                 ),
             ),
-            ReportSection(
-                title="Classifier ceiling (held-out real tiles)",
-                metrics={
-                    "class_accuracy_real_heldout": ceiling.overall,
-                    "chance_level": chance,
+        ),
+        ReportSection(
+            title="Classifier ceiling (held-out real tiles)",
+            metrics={
+                "class_accuracy_real_heldout": ceiling.overall,
+                "chance_level": chance,
+            },
+            table=ceiling.per_class,
+            notes=(classifier.describe() + f"; fitted on {len(train_set)} training tiles.",),
+        ),
+    ]
+    if len(refs) > 1:
+        steps_list = [int(r.step) for r in refs]  # type: ignore[arg-type]
+        figure = _over_training_plot(
+            out, steps_list, results, references, ceiling.overall, chance.value
+        )
+        table = pd.DataFrame(
+            {
+                "step": steps_list,
+                **{
+                    f"{name}{part}": [getattr(r[name], attr) for r in results]
+                    for name in ("fid", "kid", "class_accuracy")
+                    for part, attr in (("", "value"), ("_low", "ci_low"), ("_high", "ci_high"))
                 },
-                table=ceiling.per_class,
-                notes=(classifier.describe() + f"; fitted on {len(train_set)} training tiles.",),
-            ),
-        ]
-        if len(refs) > 1:
-            steps_list = [int(r.step) for r in refs]  # type: ignore[arg-type]
-            figure = _over_training_plot(
-                out, steps_list, results, references, ceiling.overall, chance.value
-            )
-            table = pd.DataFrame(
-                {
-                    "step": steps_list,
-                    **{
-                        f"{name}{part}": [getattr(r[name], attr) for r in results]
-                        for name in ("fid", "kid", "class_accuracy")
-                        for part, attr in (("", "value"), ("_low", "ci_low"), ("_high", "ci_high"))
-                    },
-                }
-            )
-            head.append(ReportSection(title="Over training", figures=[figure], table=table))
-        config = {
-            name: value.resolve() if isinstance(value, Path) else value
-            for name, value in settings.items()
-            if name != "progress"
-        }
-        config.update(
-            checkpoints_evaluated=described,
-            captions=context["captions"],
-            class_seeds={c: class_seed(seed, c) for c in real_set.class_names},
-            sample_config=to_dict(sample_config),
-            generation_settings=first.settings.to_dict(),
-            extractor_identity=dict(extractor.identity),
-            classifier={"method": classifier.describe(), "l2": classifier_l2},
+            }
         )
-        metrics_path, report_path = write_evaluation(
-            out, "Generator fidelity on held-out real tiles", [*head, *sections], config
-        )
-    except (EvaluationError, *input_errors()) as error:
-        raise fail(error) from error
+        head.append(ReportSection(title="Over training", figures=[figure], table=table))
+    config = {
+        name: value.resolve() if isinstance(value, Path) else value
+        for name, value in settings.items()
+        if name != "progress"
+    }
+    config.update(
+        checkpoints_evaluated=described,
+        captions=context["captions"],
+        class_seeds={c: class_seed(seed, c) for c in real_set.class_names},
+        sample_config=to_dict(sample_config),
+        generation_settings=first.settings.to_dict(),
+        extractor_identity=dict(extractor.identity),
+        classifier={"method": classifier.describe(), "l2": classifier_l2},
+    )
+    metrics_path, report_path = write_evaluation(
+        out, "Generator fidelity on held-out real tiles", [*head, *sections], config
+    )
     for ref, numbers in zip(refs, results):
         summary = ", ".join(f"{k} {escape(str(v))}" for k, v in numbers.items())
         console.print(f"{ref.label}: {summary}")

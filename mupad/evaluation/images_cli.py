@@ -28,13 +28,11 @@ import pandas as pd
 import typer
 from rich.markup import escape
 
-from mupad.conditioning.base import EncoderError
 from mupad.evaluation.cli_support import (
     CacheDirOption,
     FeaturesOption,
     WeightsOption,
     console,
-    fail,
 )
 from mupad.evaluation.distances import fid_and_kid, reference_points
 from mupad.evaluation.features import (
@@ -211,72 +209,69 @@ def evaluate_images(
         "reference_points": reference_points, "blur_sigma": blur_sigma, "device": device,
         "batch_size": batch_size, "progress": progress,
     }  # fmt: skip
-    try:
-        generated_set = load_image_set(generated, size, what="generated images")
-        real_set = load_image_set(real, size, what="real images")
-        _check_same_size(generated_set, real_set)
-        extractor = feature_extractor(features, weights, device=device, batch_size=batch_size)
-        # Refuse before the (slow) feature extraction when FID cannot be computed.
-        caveat = check_small_sample(len(generated_set), len(real_set), extractor.dim, small_sample)
-        generated_features, real_features = (
-            cached_features(image_set, extractor, settings["cache_dir"], progress=progress)
-            for image_set in (generated_set, real_set)
+    generated_set = load_image_set(generated, size, what="generated images")
+    real_set = load_image_set(real, size, what="real images")
+    _check_same_size(generated_set, real_set)
+    extractor = feature_extractor(features, weights, device=device, batch_size=batch_size)
+    # Refuse before the (slow) feature extraction when FID cannot be computed.
+    caveat = check_small_sample(len(generated_set), len(real_set), extractor.dim, small_sample)
+    generated_features, real_features = (
+        cached_features(image_set, extractor, settings["cache_dir"], progress=progress)
+        for image_set in (generated_set, real_set)
+    )
+    distances = fid_and_kid(generated_features, real_features, settings)
+    out.mkdir(parents=True, exist_ok=True)
+    notes = [
+        f"Features: {extractor.name} ({extractor.dim}-d). {extractor.description}",
+        (
+            f"Intervals: bootstrap percentile over {bootstrap} resamples of both sets "
+            f"(seed {seed}); the value is the metric on the full sets. Resamples repeat "
+            "images, which raises FID, so at small N its interval can lie above the value."
+        ),
+        (
+            f"KID: cubic polynomial kernel, {kid_subsets} subsets of "
+            f"{min(kid_subset_size, len(generated_set), len(real_set))} images per set "
+            "(subset size capped at the smaller set); unbiased, can be negative."
+        ),
+    ]
+    if caveat is not None:
+        notes.append(caveat)
+    sections = [
+        ReportSection(
+            title="Generated vs real",
+            metrics={
+                **distances,
+                "num_generated": len(generated_set),
+                "num_real": len(real_set),
+                "feature_dim": extractor.dim,
+            },
+            figures=[_sample_grid(generated_set, real_set, out)],
+            notes=notes,
         )
-        distances = fid_and_kid(generated_features, real_features, settings)
-        out.mkdir(parents=True, exist_ok=True)
-        notes = [
-            f"Features: {extractor.name} ({extractor.dim}-d). {extractor.description}",
-            (
-                f"Intervals: bootstrap percentile over {bootstrap} resamples of both sets "
-                f"(seed {seed}); the value is the metric on the full sets. Resamples repeat "
-                "images, which raises FID, so at small N its interval can lie above the value."
-            ),
-            (
-                f"KID: cubic polynomial kernel, {kid_subsets} subsets of "
-                f"{min(kid_subset_size, len(generated_set), len(real_set))} images per set "
-                "(subset size capped at the smaller set); unbiased, can be negative."
-            ),
-        ]
-        if caveat is not None:
-            notes.append(caveat)
-        sections = [
-            ReportSection(
-                title="Generated vs real",
-                metrics={
-                    **distances,
-                    "num_generated": len(generated_set),
-                    "num_real": len(real_set),
-                    "feature_dim": extractor.dim,
-                },
-                figures=[_sample_grid(generated_set, real_set, out)],
-                notes=notes,
+    ]
+    if reference is not None:
+        sections.append(
+            _paired_section(
+                generated,
+                reference,
+                pair_by,
+                generated_set,
+                generated_features,
+                extractor,
+                settings,
             )
-        ]
-        if reference is not None:
-            sections.append(
-                _paired_section(
-                    generated,
-                    reference,
-                    pair_by,
-                    generated_set,
-                    generated_features,
-                    extractor,
-                    settings,
-                )
-            )
-        if reference_points:
-            sections.append(_reference_points_section(real_set, real_features, extractor, settings))
-        config = {
-            name: value.resolve() if isinstance(value, Path) else value
-            for name, value in settings.items()
-            if name != "progress"
-        }
-        config["extractor_identity"] = dict(extractor.identity)
-        metrics_path, report_path = write_evaluation(
-            out, "Generated image quality (FID / KID)", sections, config
         )
-    except (EvaluationError, EncoderError) as exc:
-        raise fail(exc) from exc
+    if reference_points:
+        sections.append(_reference_points_section(real_set, real_features, extractor, settings))
+    config = {
+        name: value.resolve() if isinstance(value, Path) else value
+        for name, value in settings.items()
+        if name != "progress"
+    }
+    config["extractor_identity"] = dict(extractor.identity)
+    metrics_path, report_path = write_evaluation(
+        out, "Generated image quality (FID / KID)", sections, config
+    )
     for name, value in distances.items():
         console.print(f"{name.upper()}: {escape(str(value))}")
     console.print(f"[green]wrote[/green] {metrics_path} and {report_path}")

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 import typer
 
-from mupad.evaluation.cli_support import console, fail
+from mupad.evaluation.cli_support import console
 from mupad.evaluation.pcc import (
     DEFAULT_BOOTSTRAP_ITERATIONS,
     MIN_PATCHES_PER_SLIDE,
@@ -289,78 +289,73 @@ def evaluate_mif(
 ) -> None:
     """Patch- and slide-level Pearson correlation per marker (bootstrap 95 % intervals),
     and a paired permutation test against another method on request."""
-    from mupad.applications.he2mif import MIFError, check_marker_names
+    from mupad.applications.he2mif import check_marker_names
 
-    try:
-        names = check_marker_names(markers.split(","))
-        predictions = read_predictions(pred_dir, names)
-        truth = read_truth(real_dir, names, predictions.stems, predictions.intensity_scales)
-        slides = slide_ids(predictions.stems, slide_pattern)
-        report = marker_correlation(
-            predictions.maps, truth, names, slides, min_patches_per_slide=min_patches_per_slide,
-            iterations=bootstrap, seed=seed,
-        )  # fmt: skip
-        out.mkdir(parents=True, exist_ok=True)
-        sections = [
-            ReportSection(
-                title="Patch-level PCC",
-                metrics={
-                    "mean_over_markers": report.patch_mean,
-                    **{f"pcc_{m}": report.patch[m] for m in names},
-                    "num_patches": report.num_patches,
-                },
-                figures=[_bar_figure(report, out)],
-                table=_marker_table(report),
-                notes=(
-                    (
-                        "Pearson correlation over pixels of each predicted vs true map; "
-                        "patches where either map is constant have no correlation, are left "
-                        "out of the means and counted ('patches undefined'). Intervals: "
-                        f"bootstrap over patches, {bootstrap} resamples, seed {seed}."
-                    ),
+    names = check_marker_names(markers.split(","))
+    predictions = read_predictions(pred_dir, names)
+    truth = read_truth(real_dir, names, predictions.stems, predictions.intensity_scales)
+    slides = slide_ids(predictions.stems, slide_pattern)
+    report = marker_correlation(
+        predictions.maps, truth, names, slides, min_patches_per_slide=min_patches_per_slide,
+        iterations=bootstrap, seed=seed,
+    )  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    sections = [
+        ReportSection(
+            title="Patch-level PCC",
+            metrics={
+                "mean_over_markers": report.patch_mean,
+                **{f"pcc_{m}": report.patch[m] for m in names},
+                "num_patches": report.num_patches,
+            },
+            figures=[_bar_figure(report, out)],
+            table=_marker_table(report),
+            notes=(
+                (
+                    "Pearson correlation over pixels of each predicted vs true map; "
+                    "patches where either map is constant have no correlation, are left "
+                    "out of the means and counted ('patches undefined'). Intervals: "
+                    f"bootstrap over patches, {bootstrap} resamples, seed {seed}."
                 ),
             ),
-            ReportSection(
-                title="Slide-level PCC",
-                metrics={
-                    "mean_over_markers": report.slide_mean,
-                    **{f"pcc_{m}": report.slide[m] for m in names},
-                    "num_slides": len(report.slide_ids),
-                    "num_slides_too_small": len(report.slides_too_small),
-                },
-                notes=(
-                    "Per slide, Pearson correlation across its patches of the mean predicted vs "
-                    "true intensity per patch, then the mean over slides (interval: bootstrap "
-                    f"over slides). Slides with fewer than {min_patches_per_slide} patches are "
-                    "left out. "
-                    + (
-                        f"Slides from --slide-pattern {slide_pattern!r}."
-                        if slide_pattern
-                        else "No --slide-pattern: all patches count as one slide."
-                    ),
+        ),
+        ReportSection(
+            title="Slide-level PCC",
+            metrics={
+                "mean_over_markers": report.slide_mean,
+                **{f"pcc_{m}": report.slide[m] for m in names},
+                "num_slides": len(report.slide_ids),
+                "num_slides_too_small": len(report.slides_too_small),
+            },
+            notes=(
+                "Per slide, Pearson correlation across its patches of the mean predicted vs "
+                "true intensity per patch, then the mean over slides (interval: bootstrap "
+                f"over slides). Slides with fewer than {min_patches_per_slide} patches are "
+                "left out. "
+                + (
+                    f"Slides from --slide-pattern {slide_pattern!r}."
+                    if slide_pattern
+                    else "No --slide-pattern: all patches count as one slide."
                 ),
             ),
-        ]
-        comparison = None
-        if compare is not None:
-            other = read_predictions(compare, names, predictions.stems)
-            ours_c = patch_correlations(predictions.maps, truth, names)
-            other_c = patch_correlations(other.maps, truth, names)
-            comparison = compare_methods(ours_c, other_c, num_permutations, seed)
-            sections.append(_comparison_section(compare, *comparison))
-        config: dict[str, Any] = {
-            "pred_dir": pred_dir.resolve(), "real_dir": real_dir.resolve(), "markers": names,
-            "compare": compare.resolve() if compare else None, "slide_pattern": slide_pattern,
-            "min_patches_per_slide": min_patches_per_slide, "bootstrap": bootstrap,
-            "num_permutations": num_permutations, "seed": seed,
-            "intensity_scales": predictions.intensity_scales,
-            "num_patches": report.num_patches,
-        }  # fmt: skip
-        metrics_path, report_path = write_evaluation(
-            out, "mIF marker correlation", sections, config
-        )
-    except (EvaluationError, MIFError) as exc:
-        raise fail(exc) from exc
+        ),
+    ]
+    comparison = None
+    if compare is not None:
+        other = read_predictions(compare, names, predictions.stems)
+        ours_c = patch_correlations(predictions.maps, truth, names)
+        other_c = patch_correlations(other.maps, truth, names)
+        comparison = compare_methods(ours_c, other_c, num_permutations, seed)
+        sections.append(_comparison_section(compare, *comparison))
+    config: dict[str, Any] = {
+        "pred_dir": pred_dir.resolve(), "real_dir": real_dir.resolve(), "markers": names,
+        "compare": compare.resolve() if compare else None, "slide_pattern": slide_pattern,
+        "min_patches_per_slide": min_patches_per_slide, "bootstrap": bootstrap,
+        "num_permutations": num_permutations, "seed": seed,
+        "intensity_scales": predictions.intensity_scales,
+        "num_patches": report.num_patches,
+    }  # fmt: skip
+    metrics_path, report_path = write_evaluation(out, "mIF marker correlation", sections, config)
     console.print(f"mean patch PCC: {report.patch_mean}; slide: {report.slide_mean}")
     console.print(f"[green]wrote[/green] {metrics_path} and {report_path}")
     summary: dict[str, Any] = {"out": str(out), **report.to_dict()}

@@ -26,9 +26,8 @@ from typing import Annotated
 
 import typer
 
-from mupad.conditioning.base import EncoderError
 from mupad.data.prepare_sources import PrepareError, load_captions
-from mupad.evaluation.cli_support import CacheDirOption, console, fail, parse_int_list
+from mupad.evaluation.cli_support import CacheDirOption, console, parse_int_list
 from mupad.evaluation.features import DEFAULT_EXTRACTOR, default_cache_dir
 from mupad.evaluation.report import ReportSection, write_evaluation
 from mupad.evaluation.retrieval import (
@@ -193,44 +192,41 @@ def evaluate_retrieval(
     train_config = RetrievalTrainConfig(
         steps=steps, batch_size=batch_size, learning_rate=lr, weight_decay=weight_decay, seed=seed
     )
-    try:
-        train_pairs, test_pairs = _pairs(train, train_captions), _pairs(test, test_captions)
-        _check_disjoint(train_pairs, test_pairs)
-        check_recall_ks(ks, caption_ids(test_pairs.captions))  # before any feature is computed
-        towers = FrozenTowers(model_config, device=device)
-        cache = cache_dir or default_cache_dir()
-        train_features, test_features = (
-            encode_pairs(pairs, towers, size=size, cache_dir=cache, progress=progress)
-            for pairs in (train_pairs, test_pairs)
-        )
-        model = new_dual_encoder(towers, model_config)
-        result = run_retrieval(
-            model, train_features, test_features, train_config, ks, progress=progress
-        )
-        out.mkdir(parents=True, exist_ok=True)
-        if save_model:
-            model.save(out / MODEL_FOLDER)
-        settings = {
-            "train": train.resolve(),
-            "test": test.resolve(),
-            "train_captions": train_captions.resolve() if train_captions else None,
-            "test_captions": test_captions.resolve() if test_captions else None,
-            "ks": list(ks),
-            "size": size,
-            "cache_dir": Path(cache).resolve(),
-            "device": device,
-            "model": model.config.to_dict(),
-            "training": train_config.to_dict(),
-            "image_extractor_identity": dict(towers.image.identity),
-        }
-        metrics_path, report_path = write_evaluation(
-            out,
-            "Image–text retrieval",
-            [_section(result, _recall_figure(result, out))],
-            settings,
-        )
-    except (EvaluationError, EncoderError) as exc:
-        raise fail(exc) from exc
+    train_pairs, test_pairs = _pairs(train, train_captions), _pairs(test, test_captions)
+    _check_disjoint(train_pairs, test_pairs)
+    check_recall_ks(ks, caption_ids(test_pairs.captions))  # before any feature is computed
+    towers = FrozenTowers(model_config, device=device)
+    cache = cache_dir or default_cache_dir()
+    train_features, test_features = (
+        encode_pairs(pairs, towers, size=size, cache_dir=cache, progress=progress)
+        for pairs in (train_pairs, test_pairs)
+    )
+    model = new_dual_encoder(towers, model_config)
+    result = run_retrieval(
+        model, train_features, test_features, train_config, ks, progress=progress
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    if save_model:
+        model.save(out / MODEL_FOLDER)
+    settings = {
+        "train": train.resolve(),
+        "test": test.resolve(),
+        "train_captions": train_captions.resolve() if train_captions else None,
+        "test_captions": test_captions.resolve() if test_captions else None,
+        "ks": list(ks),
+        "size": size,
+        "cache_dir": Path(cache).resolve(),
+        "device": device,
+        "model": model.config.to_dict(),
+        "training": train_config.to_dict(),
+        "image_extractor_identity": dict(towers.image.identity),
+    }
+    metrics_path, report_path = write_evaluation(
+        out,
+        "Image–text retrieval",
+        [_section(result, _recall_figure(result, out))],
+        settings,
+    )
     for direction in DIRECTIONS:
         for value in ks:
             console.print(

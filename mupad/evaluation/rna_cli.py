@@ -43,12 +43,10 @@ from mupad.applications.generate_cli import (
     Steps,
     build_sample_config,
     generation_settings,
-    input_errors,
 )
 from mupad.config import GuidanceConfig, GuidanceMode, GuidanceScheduleKind, SamplerKind, to_dict
 from mupad.evaluation.celltypes import (
     DEFAULT_MODEL,
-    CellTypeError,
     build_cell_type_model,
     config_dict,
     profile_images,
@@ -58,7 +56,6 @@ from mupad.evaluation.cli_support import (
     FeaturesOption,
     WeightsOption,
     console,
-    fail,
     parse_int_list,
 )
 from mupad.evaluation.features import (
@@ -285,115 +282,110 @@ def evaluate_rna(
         sampler, steps, guidance_schedule, guidance_start, guidance_end, GuidanceMode.JOINT,
         1.0, 1.0, 1.0, 0.0, 1.0, guidance_skip_below, seed,
     )  # fmt: skip
-    try:
-        ks = parse_int_list(top_k, "--top-k")
-        spot_pairs = read_spot_pairs(pairs, max_spots)
-        from mupad.applications.generation_model import GenerationModel
+    ks = parse_int_list(top_k, "--top-k")
+    spot_pairs = read_spot_pairs(pairs, max_spots)
+    from mupad.applications.generation_model import GenerationModel
 
-        model = GenerationModel(
-            generation_settings(checkpoint, device=device, batch_size=batch_size)
+    model = GenerationModel(generation_settings(checkpoint, device=device, batch_size=batch_size))
+    real = load_image_set(spot_pairs.images, model.tile_px, what="real spot patches")
+    out.mkdir(parents=True, exist_ok=True)
+    generated = generate_spot_tiles(
+        model, spot_pairs, per_spot, sample_config, out / "generated", seed=seed,
+        overwrite=overwrite, progress=progress,
+    )  # fmt: skip
+    extractor = feature_extractor(features, weights, device=model.device)
+    cache = cache_dir or default_cache_dir()
+    context: dict[str, Any] = {
+        "extractor": extractor, "cache": cache, "progress": progress,
+        "real_features": cached_features(real, extractor, cache, progress=progress),
+        "stats": {"top_k": ks, "iterations": bootstrap, "permutation_draws": permutations,
+                  "seed": seed},
+    }  # fmt: skip
+    if cells:
+        pixel_mpp = mpp if mpp is not None else model.model_mpp
+        if pixel_mpp is None:
+            raise EvaluationError(
+                "the model recorded no µm/px, and nuclei sizes need one; pass --mpp (the "
+                "patches' µm/px) or --no-cells"
+            )
+        cell_type_model = build_cell_type_model(cell_model, mpp=pixel_mpp)
+        context["cell_type_model"] = cell_type_model
+        context["real_profile"] = profile_images(real.images, cell_type_model)
+    setup_source = (
+        f"Held-out spots from {pairs}; each generated patch is conditioned on its spot's "
+        "pathway scores only."
+    )
+    setup_method = (
+        "Distances run from a spot's generated patches (averaged over them) to every real "
+        "patch; the win rate is the chance that the own spot is nearer than another spot "
+        "(0.5 for a generator that ignores the RNA); intervals are bootstrap percentile "
+        f"over spots ({bootstrap} resamples)."
+    )
+    sections = [
+        ReportSection(
+            title="Setup",
+            metrics={
+                "num_spots": len(spot_pairs),
+                "per_spot": per_spot,
+                "tile_px": model.tile_px,
+                "num_pathways": spot_pairs.scores.shape[1],
+            },
+            notes=(setup_source, setup_method),
+        ),
+    ]
+    generated_sections, matrices, summary = _match(generated, per_spot, context, "", "")
+    sections += generated_sections
+    if reference_pairs is not None:
+        retrieved = load_image_set(
+            nearest_expression_patches(spot_pairs, read_spot_pairs(reference_pairs)),
+            model.tile_px,
+            what="nearest-expression reference patches",
         )
-        real = load_image_set(spot_pairs.images, model.tile_px, what="real spot patches")
-        out.mkdir(parents=True, exist_ok=True)
-        generated = generate_spot_tiles(
-            model, spot_pairs, per_spot, sample_config, out / "generated", seed=seed,
-            overwrite=overwrite, progress=progress,
+        reference_sections, _, summary["nearest_expression"] = _match(
+            retrieved, 1, context, "Reference, nearest-expression training patch: ",
+            "nearest_expression_",
         )  # fmt: skip
-        extractor = feature_extractor(features, weights, device=model.device)
-        cache = cache_dir or default_cache_dir()
-        context: dict[str, Any] = {
-            "extractor": extractor, "cache": cache, "progress": progress,
-            "real_features": cached_features(real, extractor, cache, progress=progress),
-            "stats": {"top_k": ks, "iterations": bootstrap, "permutation_draws": permutations,
-                      "seed": seed},
-        }  # fmt: skip
-        if cells:
-            pixel_mpp = mpp if mpp is not None else model.model_mpp
-            if pixel_mpp is None:
-                raise EvaluationError(
-                    "the model recorded no µm/px, and nuclei sizes need one; pass --mpp (the "
-                    "patches' µm/px) or --no-cells"
-                )
-            cell_type_model = build_cell_type_model(cell_model, mpp=pixel_mpp)
-            context["cell_type_model"] = cell_type_model
-            context["real_profile"] = profile_images(real.images, cell_type_model)
-        setup_source = (
-            f"Held-out spots from {pairs}; each generated patch is conditioned on its spot's "
-            "pathway scores only."
-        )
-        setup_method = (
-            "Distances run from a spot's generated patches (averaged over them) to every real "
-            "patch; the win rate is the chance that the own spot is nearer than another spot "
-            "(0.5 for a generator that ignores the RNA); intervals are bootstrap percentile "
-            f"over spots ({bootstrap} resamples)."
-        )
-        sections = [
-            ReportSection(
-                title="Setup",
-                metrics={
-                    "num_spots": len(spot_pairs),
-                    "per_spot": per_spot,
-                    "tile_px": model.tile_px,
-                    "num_pathways": spot_pairs.scores.shape[1],
-                },
-                notes=(setup_source, setup_method),
-            ),
-        ]
-        generated_sections, matrices, summary = _match(generated, per_spot, context, "", "")
-        sections += generated_sections
-        if reference_pairs is not None:
-            retrieved = load_image_set(
-                nearest_expression_patches(spot_pairs, read_spot_pairs(reference_pairs)),
-                model.tile_px,
-                what="nearest-expression reference patches",
-            )
-            reference_sections, _, summary["nearest_expression"] = _match(
-                retrieved, 1, context, "Reference, nearest-expression training patch: ",
-                "nearest_expression_",
-            )  # fmt: skip
-            sections.append(
-                ReportSection(
-                    title="Reference: nearest-expression training patch (no generator)",
-                    notes=(
-                        (
-                            f"Each held-out spot is given the real patch of the spot of "
-                            f"{reference_pairs} whose z-scored pathway scores are nearest; "
-                            "scored like the generated patches, it is what expression alone "
-                            "reveals of a spot's look to a retrieval, the yardstick for the "
-                            "win rates above."
-                        ),
-                    ),
-                )
-            )
-            sections += reference_sections
-        figures = [
-            _pairs_figure(real, generated, per_spot, out),
-            _distances_figure(matrices, out),
-        ]
         sections.append(
             ReportSection(
-                title="Spots",
-                figures=figures,
-                table=_spot_table(spot_pairs, seed, matrices[_features_label(extractor.name)]),
+                title="Reference: nearest-expression training patch (no generator)",
+                notes=(
+                    (
+                        f"Each held-out spot is given the real patch of the spot of "
+                        f"{reference_pairs} whose z-scored pathway scores are nearest; "
+                        "scored like the generated patches, it is what expression alone "
+                        "reveals of a spot's look to a retrieval, the yardstick for the "
+                        "win rates above."
+                    ),
+                ),
             )
         )
-        config = {
-            "checkpoint": checkpoint.resolve(), "pairs": pairs.resolve(), "per_spot": per_spot,
-            "reference_pairs": reference_pairs.resolve() if reference_pairs else None,
-            "max_spots": max_spots, "features": features, "weights": weights, "cells": cells,
-            "mpp": mpp, "cell_model": cell_model, "top_k": ks, "bootstrap": bootstrap,
-            "permutations": permutations, "seed": seed, "sample_config": to_dict(sample_config),
-            "model_dir": str(model.model_dir), "weights_sha256": model.weights_sha256,
-            "generation_settings": model.settings.to_dict(),
-            "extractor_identity": dict(extractor.identity),
-        }  # fmt: skip
-        if cells:
-            config["cell_type_model"] = config_dict(cell_type_model)
-        metrics_path, report_path = write_evaluation(
-            out, "RNA/ST conditioning: spot matching on held-out spots", sections, config
+        sections += reference_sections
+    figures = [
+        _pairs_figure(real, generated, per_spot, out),
+        _distances_figure(matrices, out),
+    ]
+    sections.append(
+        ReportSection(
+            title="Spots",
+            figures=figures,
+            table=_spot_table(spot_pairs, seed, matrices[_features_label(extractor.name)]),
         )
-    except (EvaluationError, CellTypeError, *input_errors()) as error:
-        raise fail(error) from error
+    )
+    config = {
+        "checkpoint": checkpoint.resolve(), "pairs": pairs.resolve(), "per_spot": per_spot,
+        "reference_pairs": reference_pairs.resolve() if reference_pairs else None,
+        "max_spots": max_spots, "features": features, "weights": weights, "cells": cells,
+        "mpp": mpp, "cell_model": cell_model, "top_k": ks, "bootstrap": bootstrap,
+        "permutations": permutations, "seed": seed, "sample_config": to_dict(sample_config),
+        "model_dir": str(model.model_dir), "weights_sha256": model.weights_sha256,
+        "generation_settings": model.settings.to_dict(),
+        "extractor_identity": dict(extractor.identity),
+    }  # fmt: skip
+    if cells:
+        config["cell_type_model"] = config_dict(cell_type_model)
+    metrics_path, report_path = write_evaluation(
+        out, "RNA/ST conditioning: spot matching on held-out spots", sections, config
+    )
     by_features = {"generated": summary["features"]}
     if "nearest_expression" in summary:
         by_features["nearest-expression"] = summary["nearest_expression"]["features"]

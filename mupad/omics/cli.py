@@ -9,14 +9,15 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from mupad.commands.errors import MupadGroup
 from mupad.fileio import atomic_write_text
-from mupad.omics.errors import OmicsError
 from mupad.omics.expression import Orientation, read_expression
 from mupad.omics.filters import read_gene_list
 from mupad.omics.pipeline import expression_to_scores, resolve_gene_sets
 from mupad.omics.scoring import DEFAULT_MIN_SIZE, ScoringMethod, SsgseaNormalisation
 
 omics_app = typer.Typer(
+    cls=MupadGroup,
     help="Bulk RNA: expression -> pathway scores (the RNA condition).",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
@@ -91,31 +92,27 @@ def score(
     if separator is None:
         console.print(f"[red]error[/red]: --output must end in .csv or .tsv, got {output.name}")
         raise typer.Exit(code=2)
-    try:
-        sets = resolve_gene_sets(gene_sets)
-        with console.status(f"reading {expression.name}", spinner="dots"):
-            frame = read_expression(
-                expression, orientation=orientation, gene_column=gene_column, layer=layer
-            )
-        console.print(f"{frame.shape[0]} samples x {frame.shape[1]} genes; {len(sets)} gene sets")
-        scores = expression_to_scores(
-            frame,
-            sets,
-            gene_lengths,
-            method,
-            normalise=normalise,
-            gene_map=gene_map,
-            orientation=Orientation.SAMPLES_X_GENES,
-            mitochondrial=mitochondrial,
-            housekeeping=read_gene_list(housekeeping_file) if housekeeping_file else housekeeping,
-            min_size=min_size,
-            max_size=max_size,
-            normalisation=normalisation,
-            progress=progress,
+    sets = resolve_gene_sets(gene_sets)
+    with console.status(f"reading {expression.name}", spinner="dots"):
+        frame = read_expression(
+            expression, orientation=orientation, gene_column=gene_column, layer=layer
         )
-    except OmicsError as error:
-        console.print(f"[red]error[/red]: {error}")
-        raise typer.Exit(code=2) from None
+    console.print(f"{frame.shape[0]} samples x {frame.shape[1]} genes; {len(sets)} gene sets")
+    scores = expression_to_scores(
+        frame,
+        sets,
+        gene_lengths,
+        method,
+        normalise=normalise,
+        gene_map=gene_map,
+        orientation=Orientation.SAMPLES_X_GENES,
+        mitochondrial=mitochondrial,
+        housekeeping=read_gene_list(housekeeping_file) if housekeeping_file else housekeeping,
+        min_size=min_size,
+        max_size=max_size,
+        normalisation=normalisation,
+        progress=progress,
+    )
     atomic_write_text(output, scores.to_csv(sep=separator, index_label="sample"))
     console.print(
         f"[green]wrote[/green] {scores.shape[0]} samples x {scores.shape[1]} gene sets "

@@ -9,12 +9,13 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from mupad.omics.errors import OmicsError
+from mupad.commands.errors import MupadGroup
 from mupad.omics.scoring import ScoringMethod
 from mupad.omics.spatial import ImageLevel, SpatialKind, extract_spots
 from mupad.omics.spatial.extract import DEFAULT_PATCH_UM, DEFAULT_SIZE
 
 st_app = typer.Typer(
+    cls=MupadGroup,
     help="Spatial transcriptomics: spot patches paired with pathway scores.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
@@ -76,27 +77,23 @@ def extract(
     progress: Annotated[bool, typer.Option(help="Show progress bars")] = True,
 ) -> None:
     """Cut one H&E patch per spot and pair it with the spot's pathway scores."""
-    try:
-        manifest = extract_spots(
-            folder,
-            out,
-            kind=kind,
-            section=section,
-            image=image,
-            image_level=image_level,
-            patch_um=patch_um,
-            size=size,
-            gene_sets=gene_sets,
-            method=method,
-            mpp=mpp,
-            skip_outside=skip_outside,
-            uppercase_symbols=uppercase_symbols,
-            overwrite=overwrite,
-            progress=progress,
-        )
-    except (OmicsError, OSError) as err:
-        console.print(f"[red]error[/red]: {err}")
-        raise typer.Exit(code=1) from err
+    manifest = extract_spots(
+        folder,
+        out,
+        kind=kind,
+        section=section,
+        image=image,
+        image_level=image_level,
+        patch_um=patch_um,
+        size=size,
+        gene_sets=gene_sets,
+        method=method,
+        mpp=mpp,
+        skip_outside=skip_outside,
+        uppercase_symbols=uppercase_symbols,
+        overwrite=overwrite,
+        progress=progress,
+    )
     summary = json.loads((manifest.parent / "summary.json").read_text())
     scoring = summary["scoring"]
     console.print(

@@ -28,13 +28,21 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
-from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import Headers, MutableHeaders, UploadFile
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from mupad.optional import require_extra
+
+# This module is the `serve` extra's: without it, importing it is one line naming the extra.
+require_extra("fastapi", extra="serve", needed_for="mupad serve")
+require_extra("starlette", extra="serve", needed_for="mupad serve")
+require_extra("python_multipart", extra="serve", needed_for="mupad serve")
+
+from fastapi import FastAPI, HTTPException, Request  # noqa: E402
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response  # noqa: E402
+from starlette.concurrency import run_in_threadpool  # noqa: E402
+from starlette.datastructures import Headers, MutableHeaders, UploadFile  # noqa: E402
+from starlette.types import ASGIApp, Message, Receive, Scope, Send  # noqa: E402
 
 from mupad.applications.generation_model import GenerationSettings, resolve_device
+from mupad.errors import MupadError
 from mupad.serve.page import SCRIPT, STYLE, render_page
 from mupad.serve.service import (
     FORM_FIELDS,
@@ -63,13 +71,6 @@ _HEADERS = {
         "frame-ancestors 'none'; form-action 'self'"
     ),
 }
-
-
-def _input_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean "the request's input is unusable" (400), as `mupad generate` has."""
-    from mupad.applications.generate_cli import input_errors
-
-    return (RequestError, *input_errors())
 
 
 class _BodyTooLarge(Exception):
@@ -222,7 +223,6 @@ def create_app(
         raise
     info = service.describe()
     page = render_page(info)
-    input_errors = _input_errors()
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -284,7 +284,7 @@ def create_app(
         except BusyError as error:
             service.discard(job)
             return JSONResponse({"detail": str(error)}, status_code=503)
-        except input_errors as error:
+        except (MupadError, FileNotFoundError) as error:  # unusable input: 400
             service.discard(job)
             return JSONResponse({"detail": service.user_message(error, uploads)}, status_code=400)
         except BaseException:

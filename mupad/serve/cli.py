@@ -26,9 +26,8 @@ from mupad.applications.generate_cli import (
     RnaPathways,
     RnaStandardiser,
     TextEncoder,
-    fail,
-    input_errors,
 )
+from mupad.optional import require_extra
 
 if TYPE_CHECKING:
     import uvicorn
@@ -38,7 +37,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
-_EXTRA_HINT = "mupad serve needs the `serve` extra: pip install 'mupad[serve]'"
 
 
 def is_local(host: str) -> bool:
@@ -55,8 +53,7 @@ def build_server(
     app: Any, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, log_level: str = "info"
 ) -> uvicorn.Server:
     """A uvicorn server for `app` (call `.run()`); one process, one event loop."""
-    import uvicorn
-
+    uvicorn = require_extra("uvicorn", extra="serve", needed_for="mupad serve")
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, workers=1)
     return uvicorn.Server(config)
 
@@ -109,11 +106,9 @@ def serve(
     Binds to 127.0.0.1 (this machine only) unless --host says otherwise. One generation
     runs at a time; uploads, images and steps are capped (see Limits).
     """
-    try:
-        from mupad.serve.app import LOCAL_HOSTS, create_app
-        from mupad.serve.service import ServeLimits
-    except ImportError as error:
-        raise fail(ImportError(f"{_EXTRA_HINT} ({error})")) from None
+    from mupad.serve.app import LOCAL_HOSTS, create_app  # one line naming the extra if missing
+    from mupad.serve.service import ServeLimits
+
     local = is_local(host)
     if not local:
         console.print(
@@ -122,27 +117,24 @@ def serve(
             f"{DEFAULT_HOST} unless you mean it",
             soft_wrap=True,
         )
-    try:
-        limits = ServeLimits(
-            max_upload_bytes=int(max_upload_mb * 2**20),
-            max_images=max_images,
-            max_steps=max_steps,
-            max_queue=max_queue,
-        )
-        if checkpoint is None:
-            from mupad.applications.default_model import default_checkpoint
+    limits = ServeLimits(
+        max_upload_bytes=int(max_upload_mb * 2**20),
+        max_images=max_images,
+        max_steps=max_steps,
+        max_queue=max_queue,
+    )
+    if checkpoint is None:
+        from mupad.applications.default_model import default_checkpoint
 
-            checkpoint = default_checkpoint()
-        console.print(f"loading {checkpoint} ...")
-        allowed = (*LOCAL_HOSTS, host) if local else ("*",)  # "*": any name of this machine
-        app = create_app(
-            checkpoint, limits=limits, out=out, allowed_hosts=allowed,
-            text_encoder=text_encoder, image_encoder=image_encoder, latents=latents,
-            model_mpp=model_mpp, rna_pathways=rna_pathways, rna_standardiser=rna_standardiser,
-            gene_sets=gene_sets, bf16=bf16, device=device,
-        )  # fmt: skip
-    except input_errors() as error:
-        raise fail(error) from None
+        checkpoint = default_checkpoint()
+    console.print(f"loading {checkpoint} ...")
+    allowed = (*LOCAL_HOSTS, host) if local else ("*",)  # "*": any name of this machine
+    app = create_app(
+        checkpoint, limits=limits, out=out, allowed_hosts=allowed,
+        text_encoder=text_encoder, image_encoder=image_encoder, latents=latents,
+        model_mpp=model_mpp, rna_pathways=rna_pathways, rna_standardiser=rna_standardiser,
+        gene_sets=gene_sets, bf16=bf16, device=device,
+    )  # fmt: skip
     shown = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
     console.print(f"[green]serving[/green] http://{escape(shown)}:{port}  (Ctrl+C stops)")
     build_server(app, host, port).run()

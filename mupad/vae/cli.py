@@ -9,14 +9,16 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from mupad.data.tiles import TileFolderError, load_image_tiles
+from mupad.commands.errors import MupadGroup
+from mupad.data.tiles import load_image_tiles
 from mupad.precision import PrecisionChoice, resolve_precision
-from mupad.vae.config import VAEConfigError, VAETrainConfig
+from mupad.vae.config import VAETrainConfig
 from mupad.vae.model import vae_preset_names
 
 _DEFAULT = VAETrainConfig()
 
 vae_app = typer.Typer(
+    cls=MupadGroup,
     help="A pathology VAE (diffusers AutoencoderKL) trained from scratch on H&E tiles.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
@@ -59,27 +61,23 @@ def train(
     progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
 ) -> None:
     """Train (or resume) an AutoencoderKL; writes OUT/vae (diffusers folder) and OUT/metrics.json."""
-    from mupad.vae.train import VAERunError, train_vae
+    from mupad.vae.train import train_vae
 
-    try:
-        config = VAETrainConfig(
-            preset=preset,
-            steps=steps,
-            batch_size=batch_size,
-            crop=crop,
-            learning_rate=lr,
-            kl_weight=kl_weight,
-            mse_weight=mse_weight,
-            ema_decay=ema_decay,
-            precision=resolve_precision(precision),  # the device train_vae picks: auto
-            eval_every=eval_every,
-            checkpoint_every=checkpoint_every,
-            seed=seed,
-        )
-        result = train_vae(data, out, config, eval_data=eval_data or None, progress=progress)
-    except (VAEConfigError, TileFolderError, VAERunError) as exc:
-        console.print(f"[red]error[/red]: {exc}")
-        raise typer.Exit(2) from exc
+    config = VAETrainConfig(
+        preset=preset,
+        steps=steps,
+        batch_size=batch_size,
+        crop=crop,
+        learning_rate=lr,
+        kl_weight=kl_weight,
+        mse_weight=mse_weight,
+        ema_decay=ema_decay,
+        precision=resolve_precision(precision),  # the device train_vae picks: auto
+        eval_every=eval_every,
+        checkpoint_every=checkpoint_every,
+        seed=seed,
+    )
+    result = train_vae(data, out, config, eval_data=eval_data or None, progress=progress)
     typer.echo(json.dumps(result.metrics, indent=2))
     console.print(f"[green]saved[/green] {result.vae_dir}")
 
@@ -94,16 +92,12 @@ def evaluate(
 ) -> None:
     """Held-out reconstruction PSNR / SSIM of a VAE (and of bicubic down/up by its factor), as JSON."""
     from mupad.fileio import atomic_write_text
-    from mupad.latents import AutoencoderKLCodec, LatentsError
+    from mupad.latents import AutoencoderKLCodec
     from mupad.vae.train import concat_tiles, evaluate_vae
 
-    try:
-        codec = AutoencoderKLCodec(vae)
-        tiles = concat_tiles([load_image_tiles(folder) for folder in data])
-        metrics = evaluate_vae(codec.vae, tiles.images)
-    except (LatentsError, TileFolderError) as exc:
-        console.print(f"[red]error[/red]: {exc}")
-        raise typer.Exit(2) from exc
+    codec = AutoencoderKLCodec(vae)
+    tiles = concat_tiles([load_image_tiles(folder) for folder in data])
+    metrics = evaluate_vae(codec.vae, tiles.images)
     text = json.dumps(metrics, indent=2)
     if out is not None:
         atomic_write_text(out, text + "\n")
