@@ -90,8 +90,9 @@ def score(
     """Score every gene set for every sample; one output row per sample."""
     separator = _SEPARATORS.get(output.suffix.lower())
     if separator is None:
-        console.print(f"[red]error[/red]: --output must end in .csv or .tsv, got {output.name}")
-        raise typer.Exit(code=2)
+        raise typer.BadParameter(
+            f"must end in .csv or .tsv, got {output.name}", param_hint="--output"
+        )
     sets = resolve_gene_sets(gene_sets)
     with console.status(f"reading {expression.name}", spinner="dots"):
         frame = read_expression(
