@@ -160,3 +160,24 @@ def test_mapping_table_sums_collisions_and_drops_unmapped(tmp_path, caplog):
     assert orient_mapping(mapping, GeneIdKind.SYMBOL)["B"] == "ENSG00000000003"
     with pytest.raises(GeneIdError, match="none of the 4 gene ids"):
         map_gene_ids(oriented, {"X": "Y"})
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".csv.gz"])
+def test_a_repeated_gene_column_is_refused_not_renamed(tmp_path, suffix):
+    """Issue 15: pandas renamed a repeated samples x genes column to 'GENE.1' silently."""
+    sep = "," if ".csv" in suffix else "\t"
+    path = tmp_path / f"expr{suffix}"
+    frame = counts_frame().set_axis(["TP53", "EGFR", "MYC", "TP53", *GENES[4:]], axis=1)
+    frame.to_csv(path, sep=sep)
+    with pytest.raises(ExpressionError, match=r"1 gene id\(s\) repeat.*'TP53' \(2x\)"):
+        read_expression(path, orientation="samples_x_genes")
+    with pytest.raises(ExpressionError, match=r"'TP53' \(2x\)"):
+        read_expression(path)  # detected orientation
+    # The other orientation already refused it (repeated rows), and a repeated sample
+    # column of a genes x samples table is refused too.
+    frame.T.to_csv(path, sep=sep)
+    with pytest.raises(ExpressionError, match=r"'TP53' \(2x\)"):
+        read_expression(path)
+    counts_frame().T.set_axis(["S0", "S0", "S2"], axis=1).to_csv(path, sep=sep)
+    with pytest.raises(ExpressionError, match=r"sample id\(s\) repeat"):
+        read_expression(path)

@@ -101,9 +101,20 @@ def read_expression(
 
 def _read_text(path: Path, sep: str) -> pd.DataFrame:
     try:
-        return pd.read_csv(path, sep=sep, index_col=0)
+        table = pd.read_csv(path, sep=sep, index_col=0)
+        header = pd.read_csv(
+            path, sep=sep, header=None, nrows=1, dtype=str, keep_default_na=False
+        ).iloc[0]
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise ExpressionError(f"cannot read {path} as a {sep!r}-separated table: {exc}") from exc
+    # pandas renames a repeated column ("GENE" -> "GENE.1"); put the file's own labels back
+    # so that a repeated gene (or sample) is refused like a repeated row.
+    labels = [str(v) for v in header]
+    if len(labels) == len(table.columns) + 1:
+        labels = labels[1:]  # the first cell names the index column
+    if len(labels) == len(table.columns):
+        table.columns = pd.Index(labels)
+    return table
 
 
 def _read_parquet(path: Path) -> pd.DataFrame:
