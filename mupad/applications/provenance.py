@@ -8,8 +8,6 @@ the encoded conditions by a checksum of their tensors, so a later regeneration c
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,7 @@ import torch
 from PIL import Image
 
 from mupad.conditions import Conditions
+from mupad.fileio import atomic_file
 
 _CHUNK = 1 << 20
 
@@ -50,20 +49,5 @@ def save_png_atomic(image: torch.Tensor | np.ndarray, path: str | Path) -> None:
     a temporary sibling is written and renamed, so a reader never sees half a file."""
     array = image.permute(1, 2, 0).numpy() if isinstance(image, torch.Tensor) else image
     array = np.ascontiguousarray(array, dtype=np.uint8)  # (H, W, 3)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            Image.fromarray(array).save(handle, format="PNG")
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    with atomic_file(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")

@@ -15,7 +15,6 @@ Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-import errno
 import os
 from typing import Any, NoReturn
 
@@ -25,6 +24,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from mupad.errors import Interrupted, MupadError
+from mupad.fileio import DEVICE_ERRNOS, PATH_HINTS, describe_os_error
 
 DEBUG_ENV = "MUPAD_DEBUG"
 _DEBUG_KEY = "mupad.debug"
@@ -37,22 +37,6 @@ UsageError: type[Exception] = next(
 )
 
 _console = Console(stderr=True, soft_wrap=True, highlight=False)
-
-# errno -> what to do about it, for OSErrors that concern a path the user gave.
-_PATH_HINTS = {
-    errno.EACCES: "choose a writable location or fix the permissions",
-    errno.EPERM: "choose a writable location or fix the permissions",
-    errno.EROFS: "the file system is read-only; choose another location",
-    errno.ENOSPC: "the disk is full; free space or choose another location",
-    errno.EDQUOT: "the disk quota is exhausted; free space or choose another location",
-    errno.EFBIG: "the file is too large for this file system; choose another location",
-    errno.ENOTDIR: "a file stands where a folder is expected; move it or choose another path",
-    errno.EISDIR: "a folder stands where a file is expected; choose another path",
-    errno.EEXIST: "it already exists; remove it or choose another path",
-    errno.ENOENT: "check the path",
-    errno.ENAMETOOLONG: "choose a shorter path",
-}
-_NO_PATH_NEEDED = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 def set_debug(ctx: typer.Context, debug: bool) -> None:
@@ -79,15 +63,11 @@ def report(message: str, *, label: str = "error") -> None:
 
 def os_error_message(error: OSError) -> str | None:
     """One line naming the path of an OSError a user can fix; None for any other OSError."""
-    hint = _PATH_HINTS.get(error.errno or 0)
-    path = error.filename
-    if hint is None or (path is None and error.errno not in _NO_PATH_NEEDED):
+    if error.errno not in PATH_HINTS:
         return None
-    reason = error.strerror or str(error)
-    where = f"{os.fsdecode(path)}: " if path is not None else ""
-    if error.filename2 is not None:
-        where = f"{os.fsdecode(path)} -> {os.fsdecode(error.filename2)}: "
-    return f"{where}{reason} ({hint})"
+    if error.filename is None and error.errno not in DEVICE_ERRNOS:
+        return None
+    return describe_os_error(error)
 
 
 def usage_message(error: Any) -> str:

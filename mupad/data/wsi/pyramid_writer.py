@@ -32,7 +32,6 @@ import logging
 import math
 import os
 import tempfile
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from enum import StrEnum
@@ -43,6 +42,7 @@ from typing import Any, Self
 import numpy as np
 
 from mupad.errors import MupadError
+from mupad.fileio import atomic_file, make_parent
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ class StreamingPyramidWriter:
         self._encode = self._encoder()
         workers = min(4, os.cpu_count() or 1) if encode_workers is None else encode_workers
         self._pool = ThreadPoolExecutor(workers) if workers > 1 else None
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_parent(self.path)
         for stale in self.path.parent.glob(f".{self.path.name}.tmp-*"):
             stale.unlink(missing_ok=True)  # left by a killed earlier run
         # Anonymous (already unlinked) scratch file: nothing to clean up, whatever happens.
@@ -334,14 +334,8 @@ class StreamingPyramidWriter:
                     f"{self.path}: the image is incomplete ({'; '.join(missing)}); nothing written"
                 )
             self._scratch.flush()
-            tmp = self.path.parent / f".{self.path.name}.tmp-{uuid.uuid4().hex[:12]}"
-            try:
+            with atomic_file(self.path) as tmp:
                 self._assemble(tmp)
-                os.chmod(tmp, 0o666 & ~_current_umask())
-                os.replace(tmp, self.path)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
         finally:
             self._release()
         return self.path
@@ -424,9 +418,3 @@ class StreamingPyramidWriter:
             self.close()
         else:
             self.abort()
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
