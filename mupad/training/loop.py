@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from mupad.conditions import Conditions
 from mupad.config import LRScheduleKind, Precision, TrainConfig, to_dict
-from mupad.errors import MupadError
+from mupad.errors import Interrupted, MupadError
 from mupad.models.sit import SiT
 from mupad.training import distributed
 from mupad.training.checkpoint import (
@@ -43,6 +43,7 @@ from mupad.training.checkpoint import (
 )
 from mupad.training.distributed import DistContext
 from mupad.training.ema import EMA
+from mupad.training.interrupt import StopRequest
 from mupad.training.objectives import (
     LossTerms,
     ObjectiveBatch,
@@ -440,7 +441,15 @@ class Trainer:
         return values
 
     # ---------------------------------------------------------------- main loop
+    def _stop_requested(self, stop: StopRequest) -> bool:
+        """Ctrl-C seen by any process (every process stops at the same step)."""
+        if not self.dist.enabled:
+            return stop.requested
+        return bool(self.dist.sum(torch.tensor([float(stop.requested)]))[0] > 0)
+
     def train(self) -> TrainResult:
+        """Train to `config.steps`. Ctrl-C stops after the current step with a checkpoint
+        there and raises mupad.errors.Interrupted (re-running resumes from it)."""
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.dist.barrier()
@@ -460,36 +469,47 @@ class Trainer:
         writer = _MetricWriter(self.run_dir, enabled=self.dist.is_main)
         window_start, window_images = time.perf_counter(), 0
         try:
-            for step in range(start, config.steps):
-                values = self._step(step)
-                last_loss = values["loss"]
-                window_images += config.batch_size
-                done = step + 1
-                bar.update(1)
-                elapsed = time.perf_counter() - window_start
-                bar.set_postfix(
-                    loss=f"{last_loss:.4f}", img_s=f"{window_images / max(elapsed, 1e-9):.1f}"
-                )
-                if done % config.log_every == 0 or done == config.steps:
-                    record = {
-                        "step": done,
-                        **values,
-                        "lr": learning_rate(config, step),
-                        "images_per_s": window_images / max(elapsed, 1e-9),
-                        "skipped_total": self.skipped_steps,
-                        "time": time.time(),
-                    }
-                    writer.write(record)
-                    window_start, window_images = time.perf_counter(), 0
-                if config.sample_every and self.sample_hook is not None and (
-                    done % config.sample_every == 0 or done == config.steps
-                ):
-                    model = self.ema_model()
-                    if self.dist.is_main:
-                        self.sample_hook(done, model)
-                    self.dist.barrier()
-                if done % config.checkpoint_every == 0 or done == config.steps:
-                    checkpoint = self._save(done)
+            with StopRequest() as stop:
+                for step in range(start, config.steps):
+                    values = self._step(step)
+                    last_loss = values["loss"]
+                    window_images += config.batch_size
+                    done = step + 1
+                    bar.update(1)
+                    elapsed = time.perf_counter() - window_start
+                    bar.set_postfix(
+                        loss=f"{last_loss:.4f}", img_s=f"{window_images / max(elapsed, 1e-9):.1f}"
+                    )
+                    if done % config.log_every == 0 or done == config.steps:
+                        record = {
+                            "step": done,
+                            **values,
+                            "lr": learning_rate(config, step),
+                            "images_per_s": window_images / max(elapsed, 1e-9),
+                            "skipped_total": self.skipped_steps,
+                            "time": time.time(),
+                        }
+                        writer.write(record)
+                        window_start, window_images = time.perf_counter(), 0
+                    if (
+                        config.sample_every
+                        and self.sample_hook is not None
+                        and (done % config.sample_every == 0 or done == config.steps)
+                    ):
+                        model = self.ema_model()
+                        if self.dist.is_main:
+                            self.sample_hook(done, model)
+                        self.dist.barrier()
+                    saved = done % config.checkpoint_every == 0 or done == config.steps
+                    if saved:
+                        checkpoint = self._save(done)
+                    if done < config.steps and self._stop_requested(stop):
+                        if not saved:
+                            checkpoint = self._save(done)
+                        raise Interrupted(
+                            f"stopped at step {done} of {config.steps} with a checkpoint in "
+                            f"{checkpoint}; run the same command again to resume from there"
+                        )
         finally:
             writer.close()
             bar.close()
