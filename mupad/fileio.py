@@ -71,6 +71,9 @@ def make_parent(final: str | Path) -> None:
     final = Path(final)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as error:  # what mkdir says of a file where a folder should be
+        in_the_way = NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), error.filename)
+        raise output_error(in_the_way, final) from error
     except OSError as error:
         raise output_error(error, final) from error
 

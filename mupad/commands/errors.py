@@ -16,7 +16,7 @@ Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import os
-from typing import Any, NoReturn
+from typing import Any, ClassVar, NoReturn
 
 import typer
 import typer.core
@@ -79,7 +79,11 @@ def usage_message(error: Any) -> str:
 
 
 class MupadGroup(typer.core.TyperGroup):
-    """A typer group whose commands end through the one error path described above."""
+    """A typer group whose commands end through the one error path described above.
+    `resumable_commands`: subcommands whose outputs are written atomically and that skip
+    finished work when run again (Ctrl-C tells the user so)."""
+
+    resumable_commands: ClassVar[frozenset[str]] = frozenset()
 
     def make_context(
         self,
@@ -112,9 +116,18 @@ class MupadGroup(typer.core.TyperGroup):
         except KeyboardInterrupt as error:
             if debug_enabled(ctx):
                 raise
-            detail = str(error) if isinstance(error, Interrupted) else ""
-            report(detail or "stopped by Ctrl-C", label="interrupted")
+            report(self._interruption(ctx, error), label="interrupted")
             raise typer.Exit(INTERRUPTED_EXIT) from error
+
+    def _interruption(self, ctx: typer.Context, error: KeyboardInterrupt) -> str:
+        if isinstance(error, Interrupted) and str(error):
+            return str(error)
+        if ctx.invoked_subcommand in self.resumable_commands:
+            return (
+                "stopped by Ctrl-C; finished outputs are kept and nothing half-written is "
+                "left: run the same command again to continue"
+            )
+        return "stopped by Ctrl-C"
 
 
 def _end_usage_error(error: Any) -> NoReturn:
