@@ -23,9 +23,11 @@ from mupad.config import (
     LRScheduleKind,
     Objective,
     ParallelKind,
+    Prediction,
     SampleConfig,
     SamplerKind,
     TeacherSource,
+    TimeSampling,
     TrainConfig,
     model_preset,
     model_preset_names,
@@ -81,6 +83,11 @@ LAZY_COMMANDS = {
     "staining": LazyCommand(
         "mupad.applications.staining_cli:staining_app",
         "H&E -> IHC: a rectified flow from H&E to IHC embeddings + a SiT fine-tuned on IHC.",
+    ),
+    "study": LazyCommand(
+        "mupad.experiments.quality_cli:study_app",
+        "Studies that decide the defaults: the generator quality study (equal CPU budget per "
+        "arm; border ratio, KID, class accuracy, colour, memorisation).",
     ),
     "evaluate": LazyCommand(
         "mupad.evaluation.cli:evaluate_app",
@@ -150,6 +157,30 @@ DepthOption = Annotated[int | None, typer.Option(help="Override the preset's num
 NumHeadsOption = Annotated[int | None, typer.Option(help="Override the preset's attention heads")]
 
 
+# The quality levers (see ModelConfig); unset keeps the preset's value ("tile" sets them).
+PredictionOption = Annotated[
+    Prediction | None,
+    typer.Option(help="What the last layer predicts: velocity or data (the clean image)"),
+]
+BottleneckOption = Annotated[
+    int | None, typer.Option(help="Low-rank patch embedding width; 0 = none")
+]
+RefineOption = Annotated[
+    int | None, typer.Option(help="Convolutional refinement head channels; 0 = linear unpatchify")
+]
+
+
+def _levers(
+    prediction: Prediction | None, bottleneck_dim: int | None, refine_channels: int | None
+) -> dict:
+    """The given quality-lever overrides as ModelConfig fields."""
+    given = {
+        "prediction": prediction, "bottleneck_dim": bottleneck_dim,
+        "refine_channels": refine_channels,
+    }  # fmt: skip
+    return {name: value for name, value in given.items() if value is not None}
+
+
 def _backbone(hidden_size: int | None, depth: int | None, num_heads: int | None) -> dict:
     """The given backbone overrides as ModelConfig fields (hidden_size, depth, num_heads)."""
     given = {"hidden_size": hidden_size, "depth": depth, "num_heads": num_heads}
@@ -168,10 +199,22 @@ def train(
     ] = None,
     preset: Annotated[
         str, typer.Option(help="Model preset: " + ", ".join(model_preset_names()))
-    ] = "S/4",
+    ] = "tile",
     hidden_size: HiddenSizeOption = None,
     depth: DepthOption = None,
     num_heads: NumHeadsOption = None,
+    prediction: PredictionOption = None,
+    bottleneck_dim: BottleneckOption = None,
+    refine_channels: RefineOption = None,
+    time_sampling: Annotated[
+        TimeSampling, typer.Option(help="Training times: uniform or logit-normal")
+    ] = TrainConfig.time_sampling,
+    time_location: Annotated[
+        float, typer.Option(help="Logit-normal mean (> 0 favours noisier t)")
+    ] = TrainConfig.time_location,
+    time_scale: Annotated[
+        float, typer.Option(help="Logit-normal standard deviation")
+    ] = TrainConfig.time_scale,
     crop: Annotated[int, typer.Option(help="Training crop size in pixels")] = 64,
     latents: Annotated[
         str, typer.Option(help="'identity' (pixel space) or a local AutoencoderKL folder")
@@ -279,6 +322,9 @@ def train(
         compile=compile,
         parallel=parallel,
         sample_every=sample_every,
+        time_sampling=time_sampling,
+        time_location=time_location,
+        time_scale=time_scale,
         seed=seed,
         alignment=AlignmentConfig(
             objective=objective,
@@ -299,7 +345,10 @@ def train(
                 out,
                 train_config=train_config,
                 preset=preset,
-                backbone=_backbone(hidden_size, depth, num_heads),
+                backbone={
+                    **_backbone(hidden_size, depth, num_heads),
+                    **_levers(prediction, bottleneck_dim, refine_channels),
+                },
                 cross_attention=cross_attention,
                 latents=None if latents == "identity" else latents,
                 text_encoder=text_encoder,
@@ -314,7 +363,10 @@ def train(
                 data,
                 out,
                 preset=preset,
-                backbone=_backbone(hidden_size, depth, num_heads),
+                backbone={
+                    **_backbone(hidden_size, depth, num_heads),
+                    **_levers(prediction, bottleneck_dim, refine_channels),
+                },
                 crop=crop,
                 latents=latents,
                 cross_attention=cross_attention,

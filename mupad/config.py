@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import math
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -208,8 +209,9 @@ _PATCHES = (2, 4, 8)
 
 
 def model_preset_names() -> list[str]:
-    """Every preset name: "tiny" plus S/B/L/XL crossed with /2, /4, /8."""
-    names = ["tiny"]
+    """Every preset name: "tiny", "tile" (the pixel-space tile generator, see
+    `tile_model_config`) and S/B/L/XL crossed with /2, /4, /8."""
+    names = ["tiny", "tile"]
     names += [f"{size}/{p}" for size in ("S", "B", "L", "XL") for p in _PATCHES]
     return names
 
@@ -220,6 +222,8 @@ def model_preset(name: str, **overrides: Any) -> ModelConfig:
     Keyword overrides replace any field (e.g. in_channels=3, text_dim=384).
     """
     key = name.strip()
+    if key == "tile":
+        return tile_model_config(**{"crop": 64, "text_dim": 0, **overrides})
     if key == "tiny":
         hidden, depth, heads = _BACKBONES["tiny"]
         patch = overrides.pop("patch_size", 2)
@@ -251,7 +255,7 @@ TILE_MODEL_LEVERS: dict[str, Any] = {
 }
 
 
-def tile_model_config(crop: int, text_dim: int, **overrides: Any) -> ModelConfig:
+def tile_model_config(crop: int = 64, text_dim: int = 0, **overrides: Any) -> ModelConfig:
     """The tile generator for `crop` px RGB tiles with a text stream `text_dim` wide:
     hidden 256, depth 6, 4 heads, TILE_MODEL_LEVERS, then `overrides`."""
     fields: dict[str, Any] = dict(
@@ -295,6 +299,15 @@ class GuidanceConfig:
         object.__setattr__(self, "mode", parse_enum(GuidanceMode, self.mode))
         if self.skip_below < 0.0:
             raise ConfigError(f"guidance skip_below must be >= 0, got {self.skip_below}")
+        options = {"start": "--guidance-start", "end": "--guidance-end"}
+        for name in ("start", "end", "image_scale", "text_scale", "rna_scale"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0.0):
+                option = options.get(name, "--" + name.replace("_", "-"))
+                raise ConfigError(
+                    f"guidance {name} ({option}) must be a finite number >= 0 (0 = no "
+                    f"guidance), got {value}"
+                )
         if not 0.0 <= self.t_low <= self.t_high <= 1.0:
             raise ConfigError(
                 f"guidance interval needs 0 <= t_low <= t_high <= 1, got [{self.t_low}, {self.t_high}]"
