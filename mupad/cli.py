@@ -569,14 +569,12 @@ def presets() -> None:
 
 @app.command()
 def info(checkpoint: Path) -> None:
-    """Print the configs stored with a checkpoint."""
-    from mupad.models.sit import CONFIG_NAME
+    """Print the configs stored with a checkpoint (a run folder: its latest checkpoint)."""
+    from mupad.training.checkpoint import stored_configs
 
-    for name in (CONFIG_NAME, "train_state.json"):
-        path = checkpoint / name
-        if path.exists():
-            console.rule(name)
-            console.print_json(json.dumps(json.loads(path.read_text())))
+    for name, content in stored_configs(checkpoint).items():
+        console.rule(name)
+        console.print_json(json.dumps(content))
 
 
 if __name__ == "__main__":  # pragma: no cover

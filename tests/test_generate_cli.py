@@ -496,3 +496,28 @@ def test_rna_model_from_prepared_pairs_generates_from_its_checkpoint_alone(tmp_p
                      tmp_path / "refused", *FAST)  # fmt: skip
     assert refused.exit_code == 2 and "other gene sets" in refused.output
     assert not (tmp_path / "refused").exists()
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda s: s.update(seed=8),
+        lambda s: s["record"].update(seed=8),
+        lambda s: s["sample_config"].update(seed=8),
+        lambda s: s["sample_config"].update(num_steps=5),
+    ],
+    ids=["seed", "record seed", "sampler seed", "steps"],
+)
+def test_an_edited_sidecar_is_refused_not_misreported(tmp_path, model_dir, edit):
+    """Issue 15: --from-sidecar on an edited sidecar sampled the recorded seed but wrote a
+    sidecar claiming the edited one."""
+    out = tmp_path / "out"
+    made = invoke("--checkpoint", model_dir, "--out", out, "--text", "tumor", "--seed", 7, *FAST)
+    assert made.exit_code == 0, made.output
+    sidecar = json.loads((out / "00001_0.json").read_text())
+    edit(sidecar)
+    (tmp_path / "edited.json").write_text(json.dumps(sidecar))
+    again = invoke("--from-sidecar", tmp_path / "edited.json", "--out", tmp_path / "again")
+    assert again.exit_code == 2, again.output
+    assert "edited.json was edited" in " ".join(again.output.split())
+    assert not (tmp_path / "again").exists()

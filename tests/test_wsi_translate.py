@@ -380,7 +380,9 @@ def test_failure_mid_slide_leaves_nothing(tmp_path: Path) -> None:
     before = sorted(p.name for p in tmp_path.iterdir())
     translator = FailingTranslator()
     with pytest.raises(RuntimeError, match="fell off"):
-        translate_slide(slide, translator, out, overlap=16, tissue_only=False, progress=False)
+        translate_slide(
+            slide, translator, out, overlap=16, tissue_only=False, progress=False, overwrite=True
+        )
     assert translator.calls == 4  # it did fail mid-slide
     assert out.read_bytes() == b"previous result"
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no temporary left

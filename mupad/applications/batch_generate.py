@@ -130,10 +130,17 @@ def _fingerprint(
     batch: tuple[int, int],
 ) -> str:  # fmt: skip
     """What decides an image (the device only changes rounding, so it is left out)."""
+    return _digest(record.to_json(), settings.to_dict(), to_dict(config), weights, batch)
+
+
+def _digest(
+    record: dict[str, Any], settings: dict[str, Any], config: dict[str, Any], weights: str,
+    batch: Sequence[int],
+) -> str:  # fmt: skip
     payload = {
-        "record": record.to_json(),
-        "settings": {k: v for k, v in settings.to_dict().items() if k != "device"},
-        "sample_config": to_dict(config),
+        "record": record,
+        "settings": {k: v for k, v in settings.items() if k != "device"},
+        "sample_config": config,
         "weights_sha256": weights,
         "batch": list(batch),
     }
@@ -345,6 +352,31 @@ def read_sidecar(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _check_unedited(data: dict[str, Any], path: Path) -> None:
+    """Refuse a sidecar whose record, seeds or sampler settings were changed after it was
+    written: regenerating from it would write a sidecar claiming what was not used."""
+    try:
+        record, config, batch = data["record"], data["sample_config"], data["batch"]
+        seed, chunk = record["seed"], int(batch["chunk"])
+        seeds_agree = data.get("seed", seed) == seed and config.get("seed") == chunk_seed(
+            int(seed), chunk
+        )
+        recorded = data.get("fingerprint")
+        digest = _digest(
+            record, data["settings"], config, data["model"]["weights_sha256"],
+            (int(batch["size"]), int(batch["index"])),
+        )  # fmt: skip
+    except (KeyError, TypeError, ValueError) as error:
+        raise RegenerationError(f"{path} is not a complete generation sidecar ({error})") from None
+    if not seeds_agree or (recorded is not None and recorded != digest):
+        raise RegenerationError(
+            f"{path} was edited after it was written (its seed, record or sampler settings no "
+            "longer match its fingerprint); --from-sidecar only regenerates an image exactly. "
+            "For another seed or settings, run `mupad generate` with the prompt options and "
+            "--seed"
+        )
+
+
 def regenerate(
     sidecar_path: str | Path,
     out: str | Path,
@@ -361,6 +393,7 @@ def regenerate(
     """
     sidecar_path = Path(sidecar_path)
     data = read_sidecar(sidecar_path)
+    _check_unedited(data, sidecar_path)
     settings = GenerationSettings.from_dict(
         data["settings"], checkpoint=str(checkpoint) if checkpoint else None, device=device
     )

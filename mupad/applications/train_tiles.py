@@ -31,6 +31,7 @@ from mupad.config import (
 from mupad.data.tiles import TileSet, load_tile_folder
 from mupad.latents import LatentCodec, load_codec
 from mupad.models import SiT
+from mupad.models.errors import CheckpointError
 from mupad.training.captioned_tiles import (
     CaptionBank,
     CaptionedCropBatches,
@@ -204,7 +205,10 @@ def _resolve_checkpoint(path: Path) -> tuple[Path, dict[str, Any]]:
     if (path / "checkpoints").is_dir():
         latest = latest_checkpoint(path)
         if latest is None:
-            raise FileNotFoundError(f"{path} has no finished checkpoint yet")
+            raise CheckpointError(
+                f"{path} has no finished checkpoint yet; let the run write one (see "
+                "--checkpoint-every) or pass a checkpoint folder"
+            )
         path = latest
     state_file = next(
         (p / "train_state.json" for p in (path, path.parent) if (p / "train_state.json").exists()),
@@ -227,6 +231,10 @@ def sample_prompts(
     out: str | Path,
 ) -> Path:
     """Generate `num_per_prompt` images per prompt into a PNG grid + a sidecar JSON."""
+    if num_per_prompt < 1:
+        raise ConfigError(f"--num (images per prompt) must be >= 1, got {num_per_prompt}")
+    if not prompts:
+        raise ConfigError("give at least one --prompt")
     model_dir, metadata = _resolve_checkpoint(Path(checkpoint))
     model = SiT.from_pretrained(model_dir)
     encoder = get_encoder(metadata.get("text_encoder", "minilm"))

@@ -144,6 +144,17 @@ class TranslatorOptions:
     mpp: float | None = None
     extra: Mapping[str, str] = field(default_factory=dict)  # --option KEY=VALUE, per translator
 
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "tile_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                option = "--" + name.replace("_", "-")
+                raise WsiTranslationError(
+                    f"{option} must be >= 1, got {value}; leave it out for the translator's own"
+                )
+        if self.mpp is not None and not (math.isfinite(self.mpp) and self.mpp > 0):
+            raise WsiTranslationError(f"--mpp must be a positive µm/px, got {self.mpp}")
+
 
 TranslatorFactory = Callable[[Path | None, TranslatorOptions], TileTranslator]
 
@@ -654,6 +665,7 @@ def translate_slide(
     num_levels: int | None = None,
     thumbnail_size: int = 2048,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Translate a whole slide tile by tile into a pyramidal (OME-)TIFF at `out_path`.
 
@@ -662,13 +674,15 @@ def translate_slide(
     uint8) fills tiles below `min_tissue` tissue when `tissue_only`; default white for RGB, 0
     for channel outputs. `layout`: None picks OME for `*.ome.tif`, the OpenSlide generic layout
     for other `.tif` names (RGB uint8 only). The file appears only when complete; on any
-    error nothing is left at `out_path` (an existing file there is kept).
+    error nothing is left at `out_path` (an existing file there is kept). An existing
+    `out_path` is refused unless `overwrite`.
 
     Raises WsiTranslationError (bad arguments, TranslatorOutputError), SlideError (unreadable
     slide, MissingMppError when no µm/px is known), PyramidWriteError (output not writable).
     """
     check_translator(translator)
     out_path = Path(out_path)
+    check_output(out_path, overwrite)
     out_dtype = OutputDtype(out_dtype)
     channels = int(translator.output_channels)
     names = getattr(translator, "channel_names", None)
@@ -714,6 +728,18 @@ def translate_slide(
     finally:
         if own_slide:
             slide.close()
+
+
+def check_output(out_path: str | Path, overwrite: bool) -> None:
+    """Refuse to replace an existing output unless asked to (`--overwrite`)."""
+    out_path = Path(out_path)
+    if out_path.is_dir():
+        raise WsiTranslationError(f"--out {out_path} is a folder; name the output .tif file")
+    if out_path.exists() and not overwrite:
+        raise WsiTranslationError(
+            f"--out {out_path} already exists; pass --overwrite to replace it, or choose "
+            "another name"
+        )
 
 
 def _open(path: str | Path, slide_mpp: float | None) -> Slide:

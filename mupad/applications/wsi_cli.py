@@ -14,6 +14,7 @@ from mupad.applications.wsi import (
     OutputDtype,
     TranslatorOptions,
     build_translator,
+    check_output,
     resolve_translator_factory,
     translate_slide,
     translator_names,
@@ -105,8 +106,10 @@ def translate(
         TiffCompression, typer.Option(help="TIFF tile compression")
     ] = TiffCompression.ZLIB,
     progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out file")] = False,
 ) -> None:
     """Translate SLIDE tile by tile (overlaps blended without seams) into a pyramidal TIFF."""
+    check_output(out, overwrite)  # before a translator model is loaded
     try:
         resolve_translator_factory(translator)
         background_values = (
@@ -134,6 +137,7 @@ def translate(
         out_dtype=dtype,
         compression=compression,
         progress=progress,
+        overwrite=overwrite,
     )
     typer.echo(str(result))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -27,6 +28,7 @@ from mupad.applications.generate_cli import (
     RnaStandardiser,
     TextEncoder,
 )
+from mupad.errors import MupadError
 from mupad.optional import require_extra
 
 if TYPE_CHECKING:
@@ -47,6 +49,32 @@ def is_local(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+class ServeAddressError(MupadError):
+    """The page cannot be served at the given --host / --port."""
+
+
+def check_address(host: str, port: int) -> None:
+    """Bind `host`:`port` once and let it go, so that a taken or forbidden address is one
+    clear error before the model loads (not a server traceback after)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM
+        )[0]
+    except (socket.gaierror, UnicodeError) as error:
+        raise ServeAddressError(
+            f"--host {host!r} is not an address of this machine ({error}); use 127.0.0.1"
+        ) from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        try:
+            probe.bind(address)
+        except OSError as error:
+            raise ServeAddressError(
+                f"cannot serve on {host}:{port} ({error.strerror or error}); choose another "
+                "--port (ports below 1024 need privileges) or --host"
+            ) from None
 
 
 def build_server(
@@ -70,7 +98,7 @@ def serve(
         str,
         typer.Option(help="Address to bind; anything but localhost is reachable from others"),
     ] = DEFAULT_HOST,
-    port: Annotated[int, typer.Option(help="Port")] = DEFAULT_PORT,
+    port: Annotated[int, typer.Option(help="Port", min=1, max=65535)] = DEFAULT_PORT,
     out: Annotated[
         Path | None,
         typer.Option(help="Keep generated tiles + sidecars here (default: a temporary folder)"),
@@ -109,6 +137,7 @@ def serve(
     from mupad.serve.app import LOCAL_HOSTS, create_app  # one line naming the extra if missing
     from mupad.serve.service import ServeLimits
 
+    check_address(host, port)
     local = is_local(host)
     if not local:
         console.print(

@@ -79,6 +79,38 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def stored_configs(path: str | Path) -> dict[str, Any]:
+    """The JSON files stored with a checkpoint ({file name: content}): its model config and,
+    for a training checkpoint, train_state.json. `path` is a checkpoint or model folder, or
+    a run folder (its latest checkpoint). Raises CheckpointError when there is none."""
+    from mupad.models.errors import CheckpointError
+    from mupad.models.sit import CONFIG_NAME
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(
+            f"{path} does not exist; pass a run folder, a checkpoint folder "
+            "(<run>/checkpoints/step-NNNNNNN) or a model folder"
+        )
+    if (path / "checkpoints").is_dir():
+        path = latest_checkpoint(path) or path
+    stored: dict[str, Any] = {}
+    for name in (CONFIG_NAME, "train_state.json"):
+        file = path / name
+        if not file.is_file():
+            continue
+        try:
+            stored[name] = json.loads(file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise CheckpointError(f"{file} is not valid JSON ({error}); the file is damaged")
+    if not stored:
+        raise CheckpointError(
+            f"{path} holds no {CONFIG_NAME} or train_state.json; pass a run folder, a "
+            "checkpoint folder (<run>/checkpoints/step-NNNNNNN) or a model folder"
+        )
+    return stored
+
+
 def flatten_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list]:
     """An optimizer state dict -> safetensors-ready tensors "<param>.<slot>" + param groups.
 
