@@ -538,3 +538,22 @@ def test_train_on_shards_reads_the_model_widths_from_the_schema(tmp_path):
         progress=False,
     )
     assert (pixels.model_config.in_channels, pixels.model_config.sample_size) == (3, 8)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_shards_and_manifest_honour_the_umask(tmp_path, umask):
+    """Issue 15: shards and manifest.parquet were 0600 whatever the umask (mkstemp)."""
+    from mupad.data.shards import ShardWriter, write_manifest
+
+    previous = os.umask(umask)
+    try:
+        with ShardWriter(tmp_path, prefix="tiles", shard_size=2) as writer:
+            for i in range(3):
+                writer.add({"image": torch.zeros(3, 4, 4, dtype=torch.uint8), "label": i})
+        write_manifest(tmp_path)
+    finally:
+        os.umask(previous)
+    written = sorted(p for p in tmp_path.iterdir() if p.is_file())
+    assert {p.suffix for p in written} >= {".safetensors", ".parquet", ".json"}
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in written}
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes

@@ -26,9 +26,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -41,7 +39,7 @@ from mupad.applications.prompts import PromptError, PromptRecord
 from mupad.conditions import Modality
 from mupad.config import SampleConfig, to_dict
 from mupad.data.tiles import IMAGE_SUFFIXES, TileFolderError
-from mupad.fileio import atomic_write_text
+from mupad.fileio import atomic_file, atomic_write_text
 from mupad.training.captioned_tiles import default_caption
 
 INDEX_NAME = "index.csv"
@@ -129,15 +127,8 @@ class _AugmentLayout:
 
 
 def _copy_atomic(source: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
+    with atomic_file(target) as tmp:  # the umask's permissions, as open() would give
         shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _check_config(out: Path, config: dict[str, Any], overwrite: bool) -> None:

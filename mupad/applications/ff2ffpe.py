@@ -48,7 +48,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -70,7 +69,7 @@ from mupad.config import (
     to_dict,
 )
 from mupad.errors import MupadError
-from mupad.fileio import atomic_directory, atomic_write_text
+from mupad.fileio import atomic_directory, atomic_file, atomic_write_text
 from mupad.models.attention_control import (
     AttentionControlError,
     InjectionMode,
@@ -858,15 +857,8 @@ def _pad_to_multiple(array: np.ndarray, step: int) -> tuple[np.ndarray, tuple[in
 def _save_png_atomic(array: np.ndarray, path: Path) -> None:
     from PIL import Image
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:  # the umask's permissions, as open() would give
         Image.fromarray(array).save(tmp, format="PNG")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclasses.dataclass

@@ -29,8 +29,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -42,7 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mupad.errors import MupadError
-from mupad.fileio import atomic_write_text
+from mupad.fileio import atomic_file, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -267,14 +265,8 @@ def _describe(schema: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> str:
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], header: dict[str, str], final: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=header)
-        os.replace(tmp, final)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(final) as tmp:  # the umask's permissions, as open() would give
+        save_file(tensors, str(tmp), metadata=header)
 
 
 # --------------------------------------------------------------------------------------
@@ -334,14 +326,12 @@ def write_manifest(root: str | Path) -> Path:
     except ImportError:
         pa = pq = None
     final = root / (MANIFEST_PARQUET if pq is not None else MANIFEST_CSV)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=root)
-    os.close(fd)
     shards: list[dict[str, Any]] = []
     schema_fields: dict[str, Any] | None = None
-    try:
+    with atomic_file(final) as tmp:  # the umask's permissions, as open() would give
         if pq is not None:
             schema = _manifest_schema()
-            sink: Any = pq.ParquetWriter(tmp, schema)
+            sink: Any = pq.ParquetWriter(str(tmp), schema)
         else:
             handle = open(tmp, "w", newline="")  # noqa: SIM115 - closed in finally
             sink = csv.DictWriter(
@@ -379,10 +369,6 @@ def write_manifest(root: str | Path) -> Path:
                 sink.close()
             else:
                 handle.close()
-        os.replace(tmp, final)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     index = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,

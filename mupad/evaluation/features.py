@@ -30,8 +30,6 @@ import enum
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +44,7 @@ from mupad.conditioning.registry import cache_root
 from mupad.evaluation.images import ImageSet, as_uint8_images, image_files, load_image_set
 from mupad.evaluation.pixel_stats import colour_features
 from mupad.evaluation.stats import EvaluationError
-from mupad.fileio import atomic_write_text
+from mupad.fileio import atomic_file, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -232,14 +230,8 @@ def cache_key(extractor: FeatureExtractor, images_key: Any) -> tuple[str, dict[s
 
 def _save_array(path: Path, array: np.ndarray) -> None:
     """np.save via a temporary sibling and an atomic rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, array)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp, tmp.open("wb") as handle:
+        np.save(handle, array)
 
 
 def _load_cached(path: Path, dim: int) -> np.ndarray | None:
