@@ -91,8 +91,8 @@ def classifier_backend() -> str:
 
 def resnet18(num_classes: int) -> nn.Module:
     """A randomly initialised ResNet-18 (torchvision's if importable, else ours)."""
-    if classifier_backend() == "torchvision":
+    try:
         from torchvision.models import resnet18 as torchvision_resnet18
-
-        return torchvision_resnet18(weights=None, num_classes=num_classes)
-    return CompactResNet18(num_classes)
+    except ImportError:
+        return CompactResNet18(num_classes)
+    return torchvision_resnet18(weights=None, num_classes=num_classes)
