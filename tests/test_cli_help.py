@@ -1,0 +1,77 @@
+"""`mupad --help` imports neither torch, pandas nor scipy; it lists every command with the
+command's own one-line help; every command and subcommand answers --help."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from mupad.cli import LAZY_COMMANDS, app
+
+runner = CliRunner()
+HEAVY = ("torch", "pandas", "scipy")
+
+
+def first_paragraph(text: str | None) -> str:
+    return " ".join((text or "").strip().split("\n\n")[0].split())
+
+
+def test_root_help_imports_no_heavy_library():
+    script = (
+        "import json, sys\n"
+        "from typer.testing import CliRunner\n"
+        "from mupad.cli import app\n"
+        "result = CliRunner().invoke(app, ['--help'])\n"
+        f"print(json.dumps([result.exit_code, [m for m in {HEAVY!r} if m in sys.modules]]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    exit_code, imported = json.loads(done.stdout.strip().splitlines()[-1])
+    assert exit_code == 0 and imported == []
+
+
+def test_the_entry_point_help_imports_no_heavy_library():
+    script = (
+        "import runpy, sys\n"
+        "sys.argv = ['mupad', '--help']\n"
+        "try:\n"
+        "    runpy.run_module('mupad.cli', run_name='__main__')\n"
+        "except SystemExit as stop:\n"
+        "    assert stop.code in (0, None), stop.code\n"
+        f"print('HEAVY', [m for m in {HEAVY!r} if m in sys.modules])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert "HEAVY []" in done.stdout
+    assert "generate" in done.stdout and "evaluate" in done.stdout
+
+
+def test_root_help_lists_every_command_with_its_own_help_line():
+    result = runner.invoke(app, ["--help"], terminal_width=200)
+    assert result.exit_code == 0
+    root = typer.main.get_command(app)
+    for name in root.list_commands(None):
+        assert f" {name} " in result.output, name
+    for name, entry in LAZY_COMMANDS.items():
+        assert first_paragraph(entry.help) == first_paragraph(entry.load(name).help), name
+
+
+def _command_paths(command, prefix=()):
+    yield prefix
+    for name in getattr(command, "list_commands", lambda ctx: [])(None):
+        yield from _command_paths(command.get_command(None, name), (*prefix, name))
+
+
+@pytest.mark.parametrize(
+    "path",
+    [" ".join(p) for p in _command_paths(typer.main.get_command(app))],
+)
+def test_every_command_answers_help(path):
+    result = runner.invoke(app, [*path.split(), "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.output
