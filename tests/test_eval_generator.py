@@ -105,6 +105,9 @@ def test_all_checkpoints_give_one_entry_each_a_plot_and_an_honest_classifier(
             assert estimate["ci_low"] <= estimate["value"] <= estimate["ci_high"] or name == "kid"
             assert estimate["n"]
         assert entry["chance_level"]["value"] == pytest.approx(1 / len(CLASSES))
+        # Real tissue shows no token grid; the measure is there for every checkpoint.
+        assert 0.8 < entry["border_ratio_real_heldout"] < 1.2
+        assert entry["border_ratio"] > 0 and entry["colour_distance"] >= 0
         assert (out / f"step-{step:07d}" / "samples.png").is_file()
         table = sections[f"Checkpoint step-{step:07d}"]["table"]
         assert [row["class"] for row in table] == CLASSES

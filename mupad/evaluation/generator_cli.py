@@ -13,6 +13,9 @@ For every chosen checkpoint of RUN (EMA weights when the checkpoint has them, as
 - FID and KID (bootstrap 95 % intervals) of the generated tiles vs the held-out real tiles,
   beside three reference points computed once: real vs uniform noise, real vs blurred
   real, and real held-out vs real training tiles (the floor for a model of TRAIN);
+- the border ratio at the model's token period (mean |pixel step| across token borders /
+  inside tokens: 1.0 for real tissue, above 1 where the token grid shows) and the colour
+  distance (mean |difference| of per-channel RGB mean and std to the held-out tiles, 0-255);
 - conditioning fidelity: a logistic-regression classifier fitted on TRAIN's features labels
   each generated tile; its accuracy against the class the tile was asked for, with the
   chance level 1/#classes and the same classifier's accuracy on the held-out real tiles
@@ -255,7 +258,10 @@ def _evaluate_checkpoint(
         iterations=settings["bootstrap"], seed=settings["seed"],
     )  # fmt: skip
     grid = _sample_grid(context["real"], generated, settings["out"], folder / "samples.png")
-    numbers = {**distances, "class_accuracy": accuracy.overall}
+    numbers = {
+        **distances, "class_accuracy": accuracy.overall,
+        **_tile_measures(generated, context["real"], model.config.patch_size * model.codec.downsample),
+    }  # fmt: skip
     section = ReportSection(
         title=f"Checkpoint {ref.label}",
         metrics={
@@ -275,6 +281,23 @@ def _evaluate_checkpoint(
         ),
     )
     return section, numbers
+
+
+def _jsonable(value: Estimate | float) -> dict[str, object] | float:
+    return value.to_dict() if isinstance(value, Estimate) else value
+
+
+def _tile_measures(generated: ImageSet, real: ImageSet, period: int) -> dict[str, float]:
+    """Border ratio at the token period (held-out real beside it) and colour distance."""
+    from mupad.evaluation.tile_quality import border_ratio, colour_distance, colour_moments
+
+    return {
+        "border_ratio": border_ratio(generated.images, period),
+        "border_ratio_real_heldout": border_ratio(real.images, period),
+        "colour_distance": colour_distance(
+            colour_moments(generated.images), colour_moments(real.images)
+        ),
+    }
 
 
 def _setup_notes(extractor: FeatureExtractor, settings: dict[str, Any], tile_px: int) -> list[str]:
@@ -534,7 +557,7 @@ def evaluate_generator(
             {
                 "out": str(out),
                 "checkpoints": {
-                    ref.label: {k: v.to_dict() for k, v in numbers.items()}
+                    ref.label: {k: _jsonable(v) for k, v in numbers.items()}
                     for ref, numbers in zip(refs, results)
                 },
             }
