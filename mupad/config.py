@@ -334,7 +334,7 @@ class SampleConfig:
         if isinstance(self.guidance, dict):
             object.__setattr__(self, "guidance", GuidanceConfig(**self.guidance))
         if self.num_steps < 1:
-            raise ConfigError(f"num_steps must be >= 1, got {self.num_steps}")
+            raise ConfigError(f"num_steps (--steps) must be >= 1, got {self.num_steps}")
         if not 0.0 <= self.last_step_size < 1.0:
             raise ConfigError(f"last_step_size must be in [0, 1), got {self.last_step_size}")
         if self.diffusion_scale < 0:

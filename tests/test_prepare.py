@@ -430,7 +430,6 @@ def test_cli_exits_nonzero_when_nothing_prepared(tmp_path):
     result = CliRunner().invoke(
         app, ["prepare", str(root.parent), str(tmp_path / "out"), "--no-progress"]
     )
-    assert result.exit_code != 0
-    assert "nothing was prepared" in result.output or "nothing was prepared" in str(
-        result.exception
-    )
+    assert result.exit_code == 2, result.output
+    assert "nothing was prepared" in result.output and "broken.png" in result.output
+    assert not (tmp_path / "out" / "manifest.parquet").exists()

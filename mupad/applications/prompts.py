@@ -88,7 +88,8 @@ class PromptRecord:
             or self.num_images < 1
         ):
             raise PromptError(
-                f"record {self.id!r}: num_images must be an integer >= 1, got {self.num_images!r}"
+                f"record {self.id!r}: num_images (--num-images) must be an integer >= 1, got "
+                f"{self.num_images!r}"
             )
         if (self.st_folder is None) != (self.st_spot is None):
             raise PromptError(f"record {self.id!r}: st_folder and st_spot go together; give both")

@@ -28,7 +28,7 @@ from mupad.config import (
     model_preset,
     to_dict,
 )
-from mupad.data.tiles import TileSet, load_tile_folder
+from mupad.data.tiles import TileFolderError, TileSet, load_tile_folder
 from mupad.latents import LatentCodec, load_codec
 from mupad.models import SiT
 from mupad.models.errors import CheckpointError
@@ -91,6 +91,12 @@ def train_on_tile_folder(
     names, or with `skip_bad_tiles` are left out (named in a warning and the run's metadata).
     """
     tiles = load_tile_folder(data, skip_bad=skip_bad_tiles)
+    height, width = tiles.images.shape[-2:]
+    if not 1 <= crop <= min(height, width):
+        raise TileFolderError(
+            f"--crop {crop} does not fit the {height}x{width} px tiles of {data}; pass a crop "
+            f"between 1 and {min(height, width)}"
+        )
     captions = captions or {}
     texts = [captions.get(name, default_caption(name)) for name in tiles.class_names]
     encoder = get_encoder(text_encoder)

@@ -44,6 +44,7 @@ import datetime
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -122,18 +123,20 @@ class PrepareConfig:
         object.__setattr__(self, "kind", SourceKind(self.kind))
         if self.feature_dtype not in FEATURE_DTYPES:
             raise PrepareError(
-                f"feature_dtype must be one of {', '.join(FEATURE_DTYPES)}, got "
+                f"--feature-dtype must be one of {', '.join(FEATURE_DTYPES)}, got "
                 f"{self.feature_dtype!r}"
             )
         for name in ("tile_size", "shard_size", "tiles_per_source", "batch_size"):
             if getattr(self, name) < 1:
-                raise PrepareError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise PrepareError(f"{_option(name)} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.min_tissue <= 1.0:
-            raise PrepareError(f"min_tissue must lie in [0, 1], got {self.min_tissue}")
-        if self.target_mpp <= 0:
-            raise PrepareError(f"target_mpp must be positive (µm/px), got {self.target_mpp}")
+            raise PrepareError(f"--min-tissue must lie in [0, 1], got {self.min_tissue}")
+        for name in ("target_mpp", "slide_mpp", "tile_mpp"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise PrepareError(f"{_option(name)} must be a positive µm/px, got {value}")
         if self.keep_pixels and self.latents is None:
-            raise PrepareError("keep_pixels needs latents (pixels are stored anyway without)")
+            raise PrepareError("--keep-pixels needs --latents (pixels are stored anyway without)")
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings that change what is written (JSON-ready)."""
@@ -144,6 +147,11 @@ class PrepareConfig:
             if f.name not in skip
             for v in [getattr(self, f.name)]
         }
+
+
+def _option(name: str) -> str:
+    """The command-line option of a PrepareConfig field (tile_size -> --tile-size)."""
+    return "--" + name.replace("_", "-")
 
 
 @dataclass
@@ -535,7 +543,6 @@ def prepare_dataset(
     """
     config = config or PrepareConfig()
     out = Path(out).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
     env = dist_env()
     device = _resolve_device(config.device, env)
     started = _init_process_group(env, device, config.barrier_timeout_s)
@@ -547,6 +554,7 @@ def prepare_dataset(
             tiles_per_source=config.tiles_per_source,
         )
         rna = rna_provenance(sources, config.rna_gene_sets)  # a bad GMT fails before any work
+        out.mkdir(parents=True, exist_ok=True)  # only once the inputs are known to be usable
         mine = sources[env.rank :: env.world_size]
         logger.info(
             "rank %d/%d: %d of %d sources", env.rank, env.world_size, len(mine), len(sources)
@@ -601,12 +609,18 @@ def _nothing_prepared(input_path: str | Path, out: Path, summary: PrepareSummary
             f"{len(summary.failed)} failed (first: {first['path']}: {first['reason']})"
         )
     if summary.empty:
+        first = summary.empty[0]
+        hint = "; lower --min-tissue" if "EmptyTissueError" in first["reason"] else ""
         parts.append(
-            f"{len(summary.empty)} without tiles (first: {summary.empty[0]['source_id']}: "
-            f"{summary.empty[0]['reason']}; lower --min-tissue for slides with little tissue)"
+            f"{len(summary.empty)} without tiles (first: {first['source_id']}: "
+            f"{first['reason']}{hint})"
         )
     if summary.corrupt_count:
-        parts.append(f"{summary.corrupt_count} unreadable inputs")
+        first = summary.corrupt[0]
+        parts.append(
+            f"{summary.corrupt_count} unreadable input(s) (first: {first['path']}: "
+            f"{first['error']})"
+        )
     return "; ".join(parts) + f"; details in {out / SUMMARY_NAME}"
 
 
@@ -615,17 +629,23 @@ def rna_provenance(sources: list[Source], gene_sets: str | None) -> dict[str, An
     the pathway names in order (None when unknown), the gene sets the scores came from
     (`gene_sets`: a GMT path or "bundled"; None = not given) with their digest, and the
     standardiser applied (None: the shards hold the scores as given). {} without RNA."""
-    if not sources or not sources[0].rna_length:
-        return {}
+    has_rna = bool(sources) and sources[0].rna_length > 0
     digest = None
     if gene_sets is not None:
         from mupad.omics.errors import OmicsError
         from mupad.omics.pipeline import resolve_gene_sets
 
+        if not has_rna:
+            raise PrepareError(
+                "--rna-gene-sets describes RNA scores, but the input holds none (a paired CSV "
+                "with rna_<pathway> columns or an rna_file column); leave the option out"
+            )
         try:
             digest = resolve_gene_sets(None if gene_sets == "bundled" else gene_sets).sha256
         except OmicsError as exc:
             raise PrepareError(f"--rna-gene-sets {gene_sets}: {exc}") from exc
+    if not has_rna:
+        return {}
     return {
         "pathways": list(sources[0].rna_names) or None,
         "gene_sets": gene_sets,

@@ -178,11 +178,11 @@ def evaluate_images(
         int | None, typer.Option(help="Centre-crop and resize every image to N x N first")
     ] = None,
     bootstrap: Annotated[
-        int, typer.Option(help="Bootstrap resamples for the 95 % intervals")
+        int, typer.Option(help="Bootstrap resamples for the 95 % intervals", min=1)
     ] = DEFAULT_BOOTSTRAP_ITERATIONS,
-    kid_subsets: Annotated[int, typer.Option(help="KID subsets")] = 100,
+    kid_subsets: Annotated[int, typer.Option(help="KID subsets", min=1)] = 100,
     kid_subset_size: Annotated[
-        int, typer.Option(help="KID subset size (capped at the smaller set)")
+        int, typer.Option(help="KID subset size (capped at the smaller set)", min=2)
     ] = 1000,
     small_sample: Annotated[
         SmallSamplePolicy,
@@ -195,7 +195,9 @@ def evaluate_images(
     ] = False,
     blur_sigma: Annotated[float, typer.Option(help="Blur of the reference point, px")] = 3.0,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N")] = "cpu",
-    batch_size: Annotated[int, typer.Option(help="Images per extractor forward pass")] = 32,
+    batch_size: Annotated[
+        int, typer.Option(help="Images per extractor forward pass", min=1)
+    ] = 32,
     progress: bool = True,
 ) -> None:
     """FID and KID (bootstrap 95 % intervals) of generated vs real images, plus image–image

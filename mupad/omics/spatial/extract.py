@@ -387,9 +387,11 @@ def extract_spots(
     """
     method = parse_enum(ScoringMethod, method)
     if not patch_um > 0:
-        raise SpatialDataError(f"patch_um must be a positive size in µm, got {patch_um}")
+        raise SpatialDataError(
+            f"patch_um (--patch-um) must be a positive size in µm, got {patch_um}"
+        )
     if size < 8:
-        raise SpatialDataError(f"size must be at least 8 px, got {size}")
+        raise SpatialDataError(f"size (--size) must be at least 8 px, got {size}")
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, overwrite)
     if isinstance(source, SpatialSample):
