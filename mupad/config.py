@@ -447,6 +447,19 @@ class TrainConfig:
             raise ConfigError(f"condition_dropout must be in [0, 1], got {self.condition_dropout}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        non_negative = {
+            "learning_rate (--lr)": self.learning_rate,
+            "min_learning_rate (--min-lr)": self.min_learning_rate,
+            "weight_decay (--weight-decay)": self.weight_decay,
+            "grad_clip (--grad-clip)": self.grad_clip,
+        }
+        for name, value in non_negative.items():
+            if not (math.isfinite(value) and value >= 0.0):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
+        if self.warmup_steps < 0:
+            raise ConfigError(
+                f"warmup_steps (--warmup-steps) must be >= 0, got {self.warmup_steps}"
+            )
 
     @property
     def logit_normal(self) -> tuple[float, float] | None:

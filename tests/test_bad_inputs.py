@@ -195,6 +195,7 @@ ROWS = [
     Bad("train: crop larger than tiles", [*TRAIN, "--data", "{tiles}", "--crop", "64"], ["crop"]),
     Bad("train: zero steps", [*TRAIN, "--data", "{tiles}", "--steps", "0"], ["steps"]),
     Bad("train: zero batch", [*TRAIN, "--data", "{tiles}", "--batch-size", "0"], ["batch"]),
+    Bad("train: negative learning rate", [*TRAIN, "--data", "{tiles}", "--lr", "-1"], ["--lr"]),
     Bad("train: bad objective", [*TRAIN, "--data", "{tiles}", "--objective", "magic"],
         ["--objective", "magic"]),  # fmt: skip
     # ---------------------------------------------------------------- prepare
