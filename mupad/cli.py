@@ -216,6 +216,10 @@ def train(
         float, typer.Option(help="Logit-normal standard deviation")
     ] = TrainConfig.time_scale,
     crop: Annotated[int, typer.Option(help="Training crop size in pixels")] = 64,
+    captions: Annotated[
+        Path | None,
+        typer.Option(help="--data: JSON {class folder: caption} (default 'H&E histology: <class>')"),
+    ] = None,
     latents: Annotated[
         str, typer.Option(help="'identity' (pixel space) or a local AutoencoderKL folder")
     ] = "identity",
@@ -297,9 +301,14 @@ def train(
     order do not depend on N.
     """
     from mupad.training import distributed
+    from mupad.training.captioned_tiles import read_captions
 
     if (data is None) == (shards is None):
         raise typer.BadParameter("give exactly one of --data (a tile folder) or --shards")
+    if captions is not None and shards is not None:
+        raise typer.BadParameter(
+            "--captions applies to --data; shards carry the captions `mupad prepare` encoded"
+        )
 
     train_config = TrainConfig(
         steps=steps,
@@ -368,6 +377,7 @@ def train(
                     **_levers(prediction, bottleneck_dim, refine_channels),
                 },
                 crop=crop,
+                captions=read_captions(captions) if captions is not None else None,
                 latents=latents,
                 cross_attention=cross_attention,
                 text_encoder=text_encoder,

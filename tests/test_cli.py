@@ -96,11 +96,21 @@ def test_train_then_sample_from_the_command_line(tmp_path):
             array = (torch.tensor(colour) + noise).clamp(0, 255).to(torch.uint8).numpy()
             Image.fromarray(array).save(data / name / f"{i}.png")
     run = tmp_path / "run"
+    captions = {"01_pink_stroma": "pink stroma", "02_purple_nuclei": "purple nuclei"}
+    (tmp_path / "captions.json").write_text(json.dumps(captions))
     args = ["train", "--data", str(data), "--out", str(run), "--preset", "tiny", "--crop", "16",
-            "--steps", "3", "--batch-size", "4", "--checkpoint-every", "3"]
+            "--steps", "3", "--batch-size", "4", "--checkpoint-every", "3",
+            "--captions", str(tmp_path / "captions.json"), "--prediction", "data",
+            "--refine-channels", "4", "--time-sampling", "logit_normal"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert (run / "checkpoints" / "step-0000003" / "ema" / "model.safetensors").exists()
+    checkpoint = run / "checkpoints" / "step-0000003"
+    assert (checkpoint / "ema" / "model.safetensors").exists()
+    config = json.loads((checkpoint / "config.json").read_text())
+    assert config["prediction"] == "data" and config["refine_channels"] == 4
+    state = json.loads((checkpoint / "train_state.json").read_text())
+    assert state["extra"]["captions"] == list(captions.values())
+    assert state["train_config"]["time_sampling"] == "logit_normal"
 
     out = tmp_path / "grid.png"
     result = runner.invoke(app, ["sample", "--checkpoint", str(run), "--prompt", "pink stroma",
@@ -114,6 +124,16 @@ def test_train_then_sample_from_the_command_line(tmp_path):
 
     result = runner.invoke(app, ["info", str(run / "checkpoints" / "step-0000003")])
     assert result.exit_code == 0 and "hidden_size" in result.output
+
+
+def test_train_refuses_a_captions_file_that_is_not_a_class_map(tmp_path):
+    (tmp_path / "captions.json").write_text('["a list", "not a map"]')
+    (tmp_path / "tiles" / "a").mkdir(parents=True)
+    result = runner.invoke(app, ["train", "--data", str(tmp_path / "tiles"), "--out",
+                                 str(tmp_path / "run"), "--captions",
+                                 str(tmp_path / "captions.json")])
+    assert result.exit_code == 2
+    assert "must be a JSON object" in result.output and not (tmp_path / "run").exists()
 
 
 def test_cli_rejects_a_bad_sampler_name(tmp_path):

@@ -101,19 +101,10 @@ from mupad.evaluation.generator_fidelity import (
 from mupad.evaluation.images import ImageSet
 from mupad.evaluation.report import ReportSection, write_evaluation
 from mupad.evaluation.stats import Estimate, EvaluationError
+from mupad.training.captioned_tiles import read_captions
 
 OVER_TRAINING_FIGURE = "over_training.png"
 GRID_COLUMNS = 4  # real (and generated) tiles per class row of a sample grid
-
-
-def _read_captions(path: Path) -> dict[str, str]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise EvaluationError(f"cannot read captions {path}: {error}") from None
-    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
-        raise EvaluationError(f"{path} must be a JSON object {{class: caption}}")
-    return data
 
 
 def _exact(value: float, what: str, n: int) -> Estimate:
@@ -421,7 +412,7 @@ def evaluate_generator(
 
     first = load(refs[-1])
     check_text_stream(first)
-    caption_map = _read_captions(captions) if captions is not None else None
+    caption_map = read_captions(captions) if captions is not None else None
     source = str(captions) if caption_map is not None else "the run's metadata"
     caption_map = caption_map if caption_map is not None else run_captions(first.metadata)
     scale = {"mpp": real_mpp, "model_mpp": first.model_mpp}

@@ -7,14 +7,33 @@ reproducible and a resumed run sees exactly the batches it would have seen.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from mupad.conditions import Conditions, ConditionStream
 from mupad.data.tiles import TileSet, random_crops
+from mupad.errors import MupadError
 from mupad.training.loop import TrainBatch
+
+
+class CaptionFileError(MupadError, ValueError):
+    """A captions file is unreadable or not a JSON object {class: caption}."""
+
+
+def read_captions(path: str | Path) -> dict[str, str]:
+    """{class folder name: caption} from a JSON file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CaptionFileError(f"cannot read captions {path}: {error}") from None
+    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+        raise CaptionFileError(f"{path} must be a JSON object {{class: caption}}")
+    return data
 
 
 def default_caption(class_name: str) -> str:
