@@ -10,6 +10,7 @@ import typer
 from typer.testing import CliRunner
 
 from mupad.cli import LAZY_COMMANDS, app
+from mupad.commands.lazy import command_paths
 
 runner = CliRunner()
 HEAVY = ("torch", "pandas", "scipy")
@@ -61,15 +62,9 @@ def test_root_help_lists_every_command_with_its_own_help_line():
         assert first_paragraph(entry.help) == first_paragraph(entry.load(name).help), name
 
 
-def _command_paths(command, prefix=()):
-    yield prefix
-    for name in getattr(command, "list_commands", lambda ctx: [])(None):
-        yield from _command_paths(command.get_command(None, name), (*prefix, name))
-
-
 @pytest.mark.parametrize(
     "path",
-    [" ".join(p) for p in _command_paths(typer.main.get_command(app))],
+    [" ".join(p) for p in command_paths(typer.main.get_command(app))],
 )
 def test_every_command_answers_help(path):
     result = runner.invoke(app, [*path.split(), "--help"])

@@ -9,6 +9,7 @@ help line is the command's own.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -67,3 +68,11 @@ class LazyGroup(MupadGroup):
             super().format_help(ctx, formatter)
         finally:
             self._listing = False
+
+
+def command_paths(command: Any, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    """Every command path under a click group, itself first: (), ("omics",), ("omics",
+    "score"), ... (loads every lazy command)."""
+    yield prefix
+    for name in getattr(command, "list_commands", lambda ctx: [])(None):
+        yield from command_paths(command.get_command(None, name), (*prefix, name))
