@@ -220,6 +220,13 @@ def train(
         Path | None,
         typer.Option(help="--data: JSON {class folder: caption} (default 'H&E histology: <class>')"),
     ] = None,
+    init_from: Annotated[
+        Path | None,
+        typer.Option(
+            help="--data: warm-start from a run, checkpoint or model folder (e.g. the packaged "
+            "model, mupad/assets/pretrained/kather64); its model config is used"
+        ),
+    ] = None,
     latents: Annotated[
         str, typer.Option(help="'identity' (pixel space) or a local AutoencoderKL folder")
     ] = "identity",
@@ -309,6 +316,8 @@ def train(
         raise typer.BadParameter(
             "--captions applies to --data; shards carry the captions `mupad prepare` encoded"
         )
+    if init_from is not None and shards is not None:
+        raise typer.BadParameter("--init-from applies to --data (tile-folder training)")
 
     train_config = TrainConfig(
         steps=steps,
@@ -378,6 +387,7 @@ def train(
                 },
                 crop=crop,
                 captions=read_captions(captions) if captions is not None else None,
+                init_from=init_from,
                 latents=latents,
                 cross_attention=cross_attention,
                 text_encoder=text_encoder,

@@ -112,6 +112,15 @@ def test_train_then_sample_from_the_command_line(tmp_path):
     assert state["extra"]["captions"] == list(captions.values())
     assert state["train_config"]["time_sampling"] == "logit_normal"
 
+    # A second run warm-starts from the first: its model config (levers included) is used.
+    tuned = tmp_path / "tuned"
+    result = runner.invoke(app, ["train", "--data", str(data), "--out", str(tuned), "--crop", "16",
+                                 "--steps", "1", "--batch-size", "4", "--init-from", str(run)])
+    assert result.exit_code == 0, result.output
+    tuned_checkpoint = tuned / "checkpoints" / "step-0000001"
+    assert json.loads((tuned_checkpoint / "config.json").read_text())["refine_channels"] == 4
+    assert json.loads((tuned_checkpoint / "train_state.json").read_text())["extra"]["init_from"]
+
     out = tmp_path / "grid.png"
     result = runner.invoke(app, ["sample", "--checkpoint", str(run), "--prompt", "pink stroma",
                                  "--prompt", "purple nuclei", "--num", "2", "--steps", "2",
