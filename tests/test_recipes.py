@@ -36,10 +36,11 @@ def resolve(arguments: list[str]) -> tuple[Any, list[str]]:
     command = typer.main.get_command(app)
     rest = list(arguments)
     # A group is anything with subcommands (typer may bring its own click).
-    while hasattr(command, "commands") and rest and not rest[0].startswith("-"):
+    # Commands mounted lazily are listed and loaded through the group's own methods.
+    while hasattr(command, "list_commands") and rest and not rest[0].startswith("-"):
         name = rest.pop(0)
-        assert name in command.commands, f"no command {name!r} under {command.name!r}"
-        command = command.commands[name]
+        assert name in command.list_commands(None), f"no command {name!r} under {command.name!r}"
+        command = command.get_command(None, name)
     return command, rest
 
 
