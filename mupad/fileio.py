@@ -16,6 +16,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from mupad.errors import MupadError
 
 # errno -> what the user can do about it, for OSErrors that concern a path.
@@ -40,26 +42,34 @@ class OutputError(MupadError):
     """An output cannot be written; the message names it, the reason and what to do."""
 
 
-def describe_os_error(error: OSError) -> str:
+def describe_os_error(error: OSError, *, show_path: bool = True) -> str:
     """`path: reason (what to do)` for an OSError, on one line."""
     reason = error.strerror or str(error)
     hint = PATH_HINTS.get(error.errno or 0)
     where = ""
-    if error.filename is not None:
+    if error.filename is not None and show_path:
         where = f"{os.fsdecode(error.filename)}: "
         if error.filename2 is not None:
             where = f"{os.fsdecode(error.filename)} -> {os.fsdecode(error.filename2)}: "
     return f"{where}{reason}" + (f" ({hint})" if hint else "")
 
 
-def output_error(error: OSError, final: str | Path) -> OutputError:
-    """The OutputError for an OSError raised while writing `final`."""
-    return OutputError(f"cannot write {final}: {describe_os_error(error)}")
+def output_error(error: OSError | SafetensorError, final: str | Path) -> OutputError:
+    """The OutputError for an error raised while writing `final` (the name of a temporary
+    sibling it was being written to is left out)."""
+    if not isinstance(error, OSError):
+        return OutputError(f"cannot write {final}: {error}")
+    scratch = error.filename is not None and os.path.basename(
+        os.fsdecode(error.filename)
+    ).startswith(f".{Path(final).name}.")
+    return OutputError(f"cannot write {final}: {describe_os_error(error, show_path=not scratch)}")
 
 
-def _about(error: OSError, scratch: Path) -> bool:
-    """True when `error` concerns the temporary output `scratch` (a file or folder), or the
-    device it is on, rather than some input read while writing it."""
+def _about(error: OSError | SafetensorError, scratch: Path) -> bool:
+    """True when `error` concerns writing the temporary output `scratch` (a file or folder)
+    or the device it is on, rather than some input read while writing it."""
+    if isinstance(error, SafetensorError):  # safetensors reports write failures as its own
+        return "while serializing" in str(error)
     if error.filename is None:
         return error.errno in DEVICE_ERRNOS
     name = Path(os.fsdecode(error.filename))
@@ -94,7 +104,7 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
     try:
         try:
             yield tmp
-        except OSError as error:
+        except (OSError, SafetensorError) as error:
             if _about(error, tmp):
                 raise output_error(error, final) from error
             raise
@@ -128,7 +138,7 @@ def atomic_file(final: str | Path) -> Iterator[Path]:
     try:
         try:
             yield tmp
-        except OSError as error:
+        except (OSError, SafetensorError) as error:
             if _about(error, tmp):
                 raise output_error(error, final) from error
             raise

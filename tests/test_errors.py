@@ -274,3 +274,78 @@ def test_serve_without_its_extra_is_one_line_naming_the_extra(tmp_path):
         "error: mupad serve needs the package 'fastapi' of the 'serve' extra, which is not "
         'installed: pip install "mupad[serve]"'
     ]
+
+
+def test_a_safetensors_write_failure_is_an_output_error_and_a_read_failure_is_not(tmp_path):
+    from safetensors import SafetensorError
+
+    final = tmp_path / "checkpoint"
+    with pytest.raises(OutputError, match=f"cannot write {final}: Error while serializing"):
+        with atomic_directory(final):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device")
+    with pytest.raises(SafetensorError):
+        with atomic_directory(final):
+            raise SafetensorError("Error while deserializing header: HeaderTooLarge")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------ real file systems (root only)
+
+
+@pytest.fixture
+def mounted(tmp_path):
+    """mounted(options) -> a fresh tmpfs folder mounted with `options` ("ro", "size=64k");
+    skips where mounting is not allowed (not root, or no mount permission)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    points = []
+
+    def mount(options: str) -> Path:
+        point = tmp_path / f"fs{len(points)}"
+        point.mkdir()
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True
+        )
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+        points.append(point)
+        return point
+
+    yield mount
+    for point in points:
+        subprocess.run(["umount", str(point)], check=False)
+
+
+def test_prepare_on_a_full_disk_is_one_line_naming_the_shard(mounted):
+    from mupad.data.tiles import bundled_kather_dir
+
+    out = mounted("size=64k") / "shards"
+    result = runner.invoke(app, ["prepare", str(bundled_kather_dir()), str(out), "--no-progress"])
+    assert result.exit_code == 2, result.output
+    (line,) = [line for line in lines(result.output) if line.startswith("error:")]
+    assert f"cannot write {out}" in line and "No space left on device" in line
+    assert "Traceback" not in result.output
+    assert not any(p.suffix == ".safetensors" for p in out.rglob("*"))  # no partial shard
+
+
+def test_translating_onto_a_read_only_disk_is_one_line_naming_the_output(mounted, tmp_path):
+    import numpy as np
+    import tifffile
+
+    slide = tmp_path / "slide.tif"
+    pixels = np.random.default_rng(0).integers(0, 255, (300, 340, 3), dtype=np.uint8)
+    tifffile.imwrite(slide, pixels, tile=(64, 64), resolution=(40000, 40000), resolutionunit=3)
+    out = mounted("ro,size=64k") / "slide.ome.tif"
+    result = runner.invoke(
+        app,
+        [
+            "wsi", "translate", str(slide), "--translator", "identity", "--out", str(out),
+            "--mpp", "0.5", "--tile-size", "64", "--overlap", "16", "--all-tiles",
+            "--no-progress",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert lines(result.output) == [
+        f"error: cannot write {out}: Read-only file system (the file system is read-only; "
+        "choose another location)"
+    ]

@@ -42,7 +42,7 @@ from typing import Any, Self
 import numpy as np
 
 from mupad.errors import MupadError
-from mupad.fileio import atomic_file, make_parent
+from mupad.fileio import atomic_file, make_parent, output_error
 
 logger = logging.getLogger(__name__)
 
@@ -194,9 +194,12 @@ class StreamingPyramidWriter:
             stale.unlink(missing_ok=True)  # left by a killed earlier run
         # Anonymous (already unlinked) scratch file: nothing to clean up, whatever happens.
         # Closed in _release (close/abort/__exit__), hence no `with`.
-        self._scratch = tempfile.TemporaryFile(  # noqa: SIM115
-            dir=self.path.parent, prefix=f".{self.path.name}."
-        )
+        try:
+            self._scratch = tempfile.TemporaryFile(  # noqa: SIM115
+                dir=self.path.parent, prefix=f".{self.path.name}."
+            )
+        except OSError as error:
+            raise output_error(error, self.path) from error
         self._scratch_size = 0
         self._closed = False
 
@@ -245,7 +248,10 @@ class StreamingPyramidWriter:
             )
         if rows.dtype != self.dtype:
             raise PyramidWriteError(f"rows must be {self.dtype}, got {rows.dtype}")
-        self._push(0, rows)
+        try:
+            self._push(0, rows)
+        except OSError as error:  # the scratch file beside `path`: a full or read-only disk
+            raise output_error(error, self.path) from error
 
     @property
     def width(self) -> int:
