@@ -3,9 +3,9 @@
 # One 128 µm patch per spot (64 px, 2 µm/px) paired with the spot's ssGSEA pathway scores
 # (the bundled WikiPathways collection, pathways scored in every section; the 128 varying
 # most across the training spots, PATHWAYS=0 for all 757); sections B4 and
-# C2-C5 train, C6 is held out. SiT/8 in pixel space (hidden 256, depth 6: SiT-S/8
-# narrowed and halved to fit a CPU budget) with the RNA stream (one token per
-# pathway), the MUPAD objective against cached Inception features, random flips/quarter turns.
+# C2-C5 train, C6 is held out. The "tile" preset in pixel space (8 px tokens, hidden 256,
+# depth 6, clean-image prediction, patch bottleneck, convolutional refinement head) with
+# the RNA stream (one token per pathway), the MUPAD objective against cached Inception features, random flips/quarter turns.
 # fp32 by default: bf16 autocast pays off on GPUs and on CPUs with AMX, but was 18x slower
 # than fp32 on an AVX2-only CPU (PRECISION=bf16 to choose it). Re-running resumes.
 #
@@ -27,8 +27,8 @@ for split in train val; do
     (cd "$ROOT/st" && mupad prepare "pairs_$split.csv" "../shards_$split" --tile-size 64 \
         --tile-mpp 2.0 --image-encoder inception --rna-gene-sets bundled)
 done
-mupad train --shards "$ROOT/shards_train" --out "$ROOT/model" --preset S/8 --hidden-size 256 \
-    --depth 6 --num-heads 4 --conditions rna --objective mupad --dihedral \
+mupad train --shards "$ROOT/shards_train" --out "$ROOT/model" --preset tile \
+    --conditions rna --objective mupad --dihedral \
     --precision "${PRECISION:-fp32}" --steps "${STEPS:-20000}" --batch-size 16 \
     --lr 2e-4 --warmup-steps 500 --ema-decay 0.999 --checkpoint-every 250 --keep-checkpoints 0 \
     --sample-every 1000 --seed 0

@@ -2,9 +2,9 @@
 # Text + image conditioned H&E model on the Kather 2016 colorectal tiles (8 tissue classes).
 # Training: the 96 tiles bundled with mupad; held out: the other 69 tiles of the 165 in
 # ../shared/data (never seen in training; used for FID/KID and the few-shot test set).
-# Pixel space, 64 px (150 px tiles at 0.495 µm/px resized: 1.16 µm/px), a SiT with 8 px
-# patches, hidden 256, depth 6 (SiT-S/8 narrowed and halved to fit a CPU budget; drop the
-# overrides for S/8), decoupled
+# Pixel space, 64 px (150 px tiles at 0.495 µm/px resized: 1.16 µm/px), the "tile" preset
+# (the quality study's choice: 8 px tokens, hidden 256, depth 6, clean-image prediction
+# through a 64-d patch bottleneck and a convolutional refinement head), decoupled
 # text and image streams, the MUPAD objective (CNN alignment to cached Inception features +
 # CLS denoising), random flips/quarter turns.
 # fp32 by default: bf16 autocast pays off on GPUs and on CPUs with AMX, but was 18x slower
@@ -27,7 +27,7 @@ for split in train heldout; do
         --tile-mpp 1.16 --captions "$ROOT/captions.json" --text-encoder minilm \
         --image-encoder inception
 done
-mupad train --shards "$ROOT/shards_train" --out "$ROOT/model" --preset S/8 --hidden-size 256 \
-    --depth 6 --num-heads 4 --conditions text,image --objective mupad --dihedral \
+mupad train --shards "$ROOT/shards_train" --out "$ROOT/model" --preset tile \
+    --conditions text,image --objective mupad --dihedral \
     --precision "${PRECISION:-fp32}" --steps "${STEPS:-20000}" --batch-size 16 --lr 2e-4 --warmup-steps 500 --ema-decay 0.999 \
     --checkpoint-every 250 --keep-checkpoints 0 --sample-every 1000 --seed 0
