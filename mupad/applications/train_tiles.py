@@ -103,8 +103,8 @@ def train_on_tile_folder(
     bank = encode_captions(texts, encoder)
     codec = load_codec(latents)
     if crop % codec.downsample:
-        raise ValueError(
-            f"crop {crop} is not a multiple of the codec's downsample {codec.downsample}"
+        raise ConfigError(
+            f"--crop {crop} is not a multiple of the codec's downsample {codec.downsample}"
         )
     initial = None
     if init_from is not None:
