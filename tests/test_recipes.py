@@ -26,6 +26,8 @@ def mupad_calls(script: Path) -> list[list[str]]:
     calls = []
     for line in text.splitlines():
         line = line.split(" #", 1)[0]
+        if line.lstrip().startswith("#"):  # a comment line, not a call
+            continue
         for match in re.finditer(r"(?:^|[;&|(]\s*|\s)mupad\s+(.*)", line):
             calls.append(shlex.split(match.group(1).split(")", 1)[0], posix=True))
     return calls
