@@ -89,33 +89,38 @@ def make_parent(final: str | Path) -> None:
 
 
 @contextlib.contextmanager
+def _output_errors(final: Path, scratch: Path | None = None) -> Iterator[None]:
+    """Turn a failure to write `final` into an OutputError: any OSError of the block (our own
+    file operations) or, with `scratch`, only errors about writing the caller's `scratch`."""
+    try:
+        yield
+    except (OSError, SafetensorError) as error:
+        ours = isinstance(error, OSError) if scratch is None else _about(error, scratch)
+        if ours:
+            raise output_error(error, final) from error
+        raise
+
+
+@contextlib.contextmanager
 def atomic_directory(final: str | Path) -> Iterator[Path]:
     """Yield a temporary folder next to `final`; on success it replaces `final` atomically."""
     final = Path(final)
     make_parent(final)
     for stale in final.parent.glob(f".{final.name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    try:
+    with _output_errors(final):
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
         # mkdtemp creates 0700 folders; give the result the permissions mkdir() would have.
         os.chmod(tmp, 0o777 & ~_current_umask())
-    except OSError as error:
-        raise output_error(error, final) from error
     try:
-        try:
+        with _output_errors(final, tmp):
             yield tmp
-        except (OSError, SafetensorError) as error:
-            if _about(error, tmp):
-                raise output_error(error, final) from error
-            raise
-        try:
-            old = None
+        old = None
+        with _output_errors(final):
             if final.exists():
                 old = final.parent / f".{final.name}.old-{os.getpid()}"
                 os.replace(final, old)
             os.replace(tmp, final)
-        except OSError as error:
-            raise output_error(error, final) from error
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
@@ -129,25 +134,17 @@ def atomic_file(final: str | Path) -> Iterator[Path]:
     the permissions open() would and renamed to `final`; on any error it is removed."""
     final = Path(final)
     make_parent(final)
-    try:
+    with _output_errors(final):
         fd, name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
         os.close(fd)
-    except OSError as error:
-        raise output_error(error, final) from error
     tmp = Path(name)
     try:
-        try:
+        with _output_errors(final, tmp):
             yield tmp
-        except (OSError, SafetensorError) as error:
-            if _about(error, tmp):
-                raise output_error(error, final) from error
-            raise
-        try:
+        with _output_errors(final):
             # mkstemp creates 0600 files; give the result the permissions open() would have.
             os.chmod(tmp, 0o666 & ~_current_umask())
             os.replace(tmp, final)
-        except OSError as error:
-            raise output_error(error, final) from error
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

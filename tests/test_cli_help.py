@@ -20,36 +20,39 @@ def first_paragraph(text: str | None) -> str:
     return " ".join((text or "").strip().split("\n\n")[0].split())
 
 
-def test_root_help_imports_no_heavy_library():
-    script = (
-        "import json, sys\n"
-        "from typer.testing import CliRunner\n"
-        "from mupad.cli import app\n"
-        "result = CliRunner().invoke(app, ['--help'])\n"
-        f"print(json.dumps([result.exit_code, [m for m in {HEAVY!r} if m in sys.modules]]))\n"
+def heavy_modules_after(*code: str) -> tuple[list[str], str]:
+    """Run `code` in a fresh interpreter; the heavy libraries it imported, and its stdout."""
+    script = "\n".join(
+        [*code, f"import sys; print('HEAVY', [m for m in {HEAVY!r} if m in sys.modules])"]
     )
     done = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
     )
-    exit_code, imported = json.loads(done.stdout.strip().splitlines()[-1])
-    assert exit_code == 0 and imported == []
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith("HEAVY "), done.stdout
+    return json.loads(last.removeprefix("HEAVY ").replace("'", '"')), done.stdout
+
+
+def test_root_help_imports_no_heavy_library():
+    imported, _ = heavy_modules_after(
+        "from typer.testing import CliRunner",
+        "from mupad.cli import app",
+        "assert CliRunner().invoke(app, ['--help']).exit_code == 0",
+    )
+    assert imported == []
 
 
 def test_the_entry_point_help_imports_no_heavy_library():
-    script = (
-        "import runpy, sys\n"
-        "sys.argv = ['mupad', '--help']\n"
-        "try:\n"
-        "    runpy.run_module('mupad.cli', run_name='__main__')\n"
-        "except SystemExit as stop:\n"
-        "    assert stop.code in (0, None), stop.code\n"
-        f"print('HEAVY', [m for m in {HEAVY!r} if m in sys.modules])\n"
+    imported, output = heavy_modules_after(
+        "import runpy, sys",
+        "sys.argv = ['mupad', '--help']",
+        "try:",
+        "    runpy.run_module('mupad.cli', run_name='__main__')",
+        "except SystemExit as stop:",
+        "    assert stop.code in (0, None), stop.code",
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
-    )
-    assert "HEAVY []" in done.stdout
-    assert "generate" in done.stdout and "evaluate" in done.stdout
+    assert imported == []
+    assert "generate" in output and "evaluate" in output
 
 
 def test_root_help_lists_every_command_with_its_own_help_line():

@@ -13,37 +13,13 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from test_training import config, fresh_model, toy_batches
 
-from mupad.conditions import Conditions, ConditionStream
-from mupad.config import ModelConfig, Precision, TrainConfig
 from mupad.errors import Interrupted
-from mupad.models import SiT
 from mupad.training.checkpoint import latest_checkpoint, list_checkpoints
 from mupad.training.loop import TrainBatch, Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-MODEL = ModelConfig(
-    in_channels=3, patch_size=4, hidden_size=32, depth=2, num_heads=2, text_dim=8, sample_size=16
-)
-
-
-def toy_batches(step: int, generator: torch.Generator) -> TrainBatch:
-    x0 = torch.rand(4, 3, 16, 16, generator=generator) * 2 - 1
-    tokens = torch.randn(4, 3, 8, generator=generator)
-    return TrainBatch(x0=x0, cond=Conditions.build(text=ConditionStream.from_tokens(tokens)))
-
-
-def config() -> TrainConfig:
-    return TrainConfig(
-        steps=6, batch_size=4, learning_rate=1e-3, checkpoint_every=3, log_every=1,
-        precision=Precision.FP32, ema_decay=0.99, keep_checkpoints=5,
-    )  # fmt: skip
-
-
-def fresh_model() -> SiT:
-    torch.manual_seed(0)
-    return SiT(MODEL)
 
 
 def ctrl_c_during(step_index: int, times: int = 1):
@@ -82,7 +58,9 @@ def test_ctrl_c_finishes_the_step_saves_a_checkpoint_there_and_resume_matches(tm
 
 def test_a_second_ctrl_c_stops_at_once_without_a_new_checkpoint(tmp_path):
     with pytest.raises(KeyboardInterrupt) as stopped:
-        Trainer(fresh_model(), config(), tmp_path, ctrl_c_during(4, times=2), progress=False).train()
+        Trainer(
+            fresh_model(), config(), tmp_path, ctrl_c_during(4, times=2), progress=False
+        ).train()
     assert not isinstance(stopped.value, Interrupted)
     assert [step for step, _ in list_checkpoints(tmp_path)] == [3]  # the regular one only
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
