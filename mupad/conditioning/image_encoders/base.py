@@ -24,7 +24,6 @@ loss targets). Heavy optional libraries are imported only when an encoder is bui
 from __future__ import annotations
 
 import abc
-import importlib
 import logging
 from dataclasses import dataclass
 from types import ModuleType
@@ -36,6 +35,7 @@ from mupad.conditioning.base import ConditionEncoder, EncoderError
 from mupad.conditioning.image_encoders.preprocessing import Preprocessing, to_pixels
 from mupad.conditions import Modality
 from mupad.dtypes import parse_dtype
+from mupad.optional import import_or_explain
 
 logger = logging.getLogger(__name__)
 
@@ -46,14 +46,14 @@ class MissingDependencyError(EncoderError):
 
 def require(module: str, install_hint: str, needed_for: str) -> ModuleType:
     """Import `module`, or raise MissingDependencyError naming what is missing and how to get it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        missing = exc.name or module
-        raise MissingDependencyError(
+
+    def explain(missing: str, error: ImportError) -> MissingDependencyError:
+        return MissingDependencyError(
             f"{needed_for} needs the Python module {missing!r}, which could not be imported "
-            f"({exc}). Install it: {install_hint}"
-        ) from exc
+            f"({error}). Install it: {install_hint}"
+        )
+
+    return import_or_explain(module, explain)
 
 
 @dataclass(frozen=True)
