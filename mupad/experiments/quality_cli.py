@@ -7,10 +7,14 @@ from typing import Annotated
 
 import typer
 
+from mupad.commands.errors import MupadGroup
 from mupad.config import SamplerKind
 
 study_app = typer.Typer(
-    help="Multi-arm studies that decide the library's defaults.", no_args_is_help=True
+    cls=MupadGroup,
+    help="Studies that decide the defaults: the generator quality study (equal CPU budget per "
+    "arm; border ratio, KID, class accuracy, colour, memorisation).",
+    no_args_is_help=True,
 )
 
 _ARMS_HELP = (
