@@ -25,6 +25,7 @@ from mupad.config import (
     ParallelKind,
     Prediction,
     SampleConfig,
+    TILE_TIME_SAMPLING,
     SamplerKind,
     TeacherSource,
     TimeSampling,
@@ -208,7 +209,7 @@ def train(
     refine_channels: RefineOption = None,
     time_sampling: Annotated[
         TimeSampling, typer.Option(help="Training times: uniform or logit-normal")
-    ] = TrainConfig.time_sampling,
+    ] = TimeSampling(TILE_TIME_SAMPLING),
     time_location: Annotated[
         float, typer.Option(help="Logit-normal mean (> 0 favours noisier t)")
     ] = TrainConfig.time_location,

@@ -29,6 +29,7 @@ from mupad.applications.figures import loss_curve_png, save_grid
 from mupad.applications.generate import generate
 from mupad.applications.train_tiles import train_on_tile_folder
 from mupad.config import (
+    TILE_TIME_SAMPLING,
     DemoConfig,
     GuidanceConfig,
     ModelConfig,
@@ -77,6 +78,7 @@ def demo_train_config(settings: DemoConfig, *, fine_tune: bool) -> TrainConfig:
         ema_decay=0.995 if fine_tune else 0.999,
         precision=resolve_precision(PrecisionChoice.AUTO),
         condition_dropout=0.1,
+        time_sampling=TILE_TIME_SAMPLING,
         seed=settings.seed,
         log_every=10,
         checkpoint_every=500,
