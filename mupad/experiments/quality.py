@@ -46,6 +46,7 @@ from mupad.config import (
     SampleConfig,
     SamplerKind,
     TrainConfig,
+    tile_model_config,
     to_dict,
 )
 from mupad.errors import MupadError
@@ -112,13 +113,12 @@ GUIDANCE: dict[str, GuidanceConfig] = {
 
 
 def base_model_config(crop: int, text_dim: int, **overrides: Any) -> ModelConfig:
-    """The backbone every arm shares: hidden 256, depth 6, 4 heads, 8 px tokens, text stream."""
-    fields: dict[str, Any] = dict(
-        in_channels=3, patch_size=8, hidden_size=256, depth=6, num_heads=4, text_dim=text_dim,
-        sample_size=crop,
-    )  # fmt: skip
-    fields.update(overrides)
-    return ModelConfig(**fields)
+    """The backbone every arm shares: the tile generator's (hidden 256, depth 6, 4 heads) with
+    every lever off (8 px tokens, velocity, linear unpatchify), then the arm's overrides."""
+    plain: dict[str, Any] = dict(
+        patch_size=8, prediction="velocity", bottleneck_dim=0, refine_channels=0
+    )
+    return tile_model_config(crop, text_dim, **{**plain, **overrides})
 
 
 def base_train_config(steps: int, precision: Precision, seed: int, **overrides: Any) -> TrainConfig:
