@@ -36,13 +36,18 @@ def model_card(run: Path, metrics: dict[str, Any]) -> tuple[str, dict[str, Any]]
     train = state["train_config"]
     model = SiT.from_pretrained(model_dir)
     sections = metrics["sections"]
-    checkpoint = next(k for k in sections if k.startswith("Checkpoint"))
-    scores = sections[checkpoint]["metrics"]
+    step = int(state["step"])
+    title = f"Checkpoint {model_dir.parent.name if model_dir.name == 'ema' else model_dir.name}"
+    if title not in sections:
+        raise SystemExit(
+            f"{title} is not in the metrics file (it has {sorted(sections)}); evaluate the "
+            "checkpoint being packaged"
+        )
+    scores = sections[title]["metrics"]
     references = sections["Reference points"]["metrics"]
     ceiling = sections["Classifier ceiling (held-out real tiles)"]["metrics"]
     sample = metrics["config"]["sample_config"]
     guidance = sample["guidance"]
-    step = int(state["step"])
     numbers = {
         "step": step,
         "kid_heldout": scores["kid"],
@@ -83,8 +88,9 @@ No other data (in particular no HER2ST or ANHIR images) was used.
 
 ## Training
 {step:,} steps of {train["batch_size"]} random 64 px crops (random flips and quarter turns), AdamW
-lr {train["learning_rate"]} after {train["warmup_steps"]} warm-up steps, condition dropout
-{train["condition_dropout"]}, {train["precision"]}, on the project's 2-core CPU machine. Reproduce with
+lr {train["learning_rate"]} after {train["warmup_steps"]} warm-up steps, {train["time_sampling"]} training
+times, condition dropout {train["condition_dropout"]}, {train["precision"]} autocast, on the project's
+2-core CPU machine (no GPU). Reproduce with
 `bash recipes/pretrained_kather64.sh`.
 
 ## Measured (held-out tiles never seen in training)
