@@ -38,13 +38,20 @@ from mupad.config import (
     tile_model_config,
     to_dict,
 )
-from mupad.data.tiles import TileSet, bundled_kather_dir, random_crops, to_uint8
+from mupad.conditioning import get_encoder
+from mupad.data.tiles import (
+    TileSet,
+    bundled_kather_dir,
+    load_tile_folder,
+    random_crops,
+    to_uint8,
+)
 from mupad.evaluation.pixel_stats import class_consistency, sliced_wasserstein_rgb
 from mupad.evaluation.stats import EvaluationError
 from mupad.evaluation.tile_quality import border_ratio, colour_moments
 from mupad.models import SiT
 from mupad.precision import PrecisionChoice, resolve_precision
-from mupad.training.captioned_tiles import CaptionBank
+from mupad.training.captioned_tiles import CaptionBank, encode_captions
 from mupad.training.checkpoint import latest_checkpoint
 from mupad.training.loop import read_log
 
@@ -169,7 +176,19 @@ def run_demo(out: str | Path = "runs/demo", settings: DemoConfig | None = None) 
     out = Path(out)
     packaged = packaged_model_dir()
     fine_tune = packaged is not None
-    run = train_on_tile_folder(
+    tiles = load_tile_folder(bundled_kather_dir())
+    bank = encode_captions([KATHER_CAPTIONS[n] for n in tiles.class_names], get_encoder("minilm"))
+    # Real crops for comparison (a fixed generator, independent of training).
+    real, real_index = random_crops(tiles, settings.crop, 512, torch.Generator().manual_seed(12345))
+    real_set = (to_uint8(real), tiles.labels[real_index])
+
+    sets = []
+    if packaged is not None:  # what a fresh install draws, before any training
+        pretrained = SiT.from_pretrained(packaged).float()
+        sets.append(_sample_model(pretrained, bank, tiles, settings, out / "pretrained_samples",
+                                  "Pretrained model (ships with mupad)", real_set))  # fmt: skip
+        logger.info("samples of the pretrained model: %s", out / sets[0].grid)
+    train_on_tile_folder(
         bundled_kather_dir(),
         out,
         train_config=demo_train_config(settings, fine_tune=fine_tune),
@@ -178,16 +197,6 @@ def run_demo(out: str | Path = "runs/demo", settings: DemoConfig | None = None) 
         crop=settings.crop,
         captions=KATHER_CAPTIONS,
     )
-    tiles, bank = run.tiles, run.bank
-    # Real crops for comparison (a fixed generator, independent of training).
-    real, real_index = random_crops(tiles, settings.crop, 512, torch.Generator().manual_seed(12345))
-    real_set = (to_uint8(real), tiles.labels[real_index])
-
-    sets = []
-    if packaged is not None:
-        pretrained = SiT.from_pretrained(packaged).float()
-        sets.append(_sample_model(pretrained, bank, tiles, settings, out / "pretrained_samples",
-                                  "Pretrained model (ships with mupad)", real_set))  # fmt: skip
     checkpoint = latest_checkpoint(out)
     assert checkpoint is not None  # train() always writes a final checkpoint
     tuned = SiT.from_pretrained(checkpoint / "ema")
