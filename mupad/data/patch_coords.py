@@ -22,10 +22,15 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import h5py
 import numpy as np
 
 from mupad.errors import MupadError
+
+if TYPE_CHECKING:
+    from mupad.data.wsi import Slide, TileCoord
 
 __all__ = [
     "PatchCoords",
@@ -35,6 +40,7 @@ __all__ = [
     "features_path",
     "read_patch_coords",
     "read_patch_features",
+    "slide_tile_coords",
     "write_patch_coords",
     "write_patch_features",
 ]
@@ -241,3 +247,15 @@ def coords_file_for(coords: str | Path, slide_id: str) -> Path:
         f"no patches file for slide {slide_id!r} in {coords} (looked for {', '.join(tried)}); "
         "name it after the slide or pass the file itself"
     )
+
+
+def slide_tile_coords(patches: PatchCoords, slide: Slide, tile_size: int) -> list[TileCoord]:
+    """The patches as tiles of `slide`, each read from the coarsest level that still has
+    `tile_size` px across the patch (their tissue fraction is unknown: NaN)."""
+    from mupad.data.wsi import TileCoord
+
+    if len(patches) == 0:
+        raise PatchFormatError(f"the patches file of {slide.slide_id} lists no patches")
+    size = patches.size_level0(slide.level_downsamples)
+    level = slide.best_level_for_downsample(size / tile_size)
+    return [TileCoord(int(x), int(y), size, level, math.nan) for x, y in patches.coords]

@@ -32,6 +32,11 @@ Per record (all optional fields are present in every record of a run, or in none
                                                an empty caption has an all-False mask)
     image_tokens    (1 + h*w, D)               cached image encoder tokens (global + grid)
     rna_scores      (P,) float32               paired manifests with RNA columns / files
+
+Slides are tiled on a tissue grid, or at the patches of a TRIDENT/CLAM coords .h5 (`coords`:
+tiles cover each patch's level-0 square, resized to tile_size; tissue_fraction None). With
+`export_features` each slide's image-encoder global embeddings are also written as
+<export_features>/<image_encoder>/<slide>.h5 (mupad.data.prepare_export).
     label int (-1 = none), class_name str, slide_id str | None, x, y int | None (level-0 px),
     mpp float | None (of the tile), tissue_fraction float | None, source_id str, key str
     (unique per record: '<slide_id>:<x>:<y>', the tile's relative path or 'row-<n>').
@@ -111,6 +116,8 @@ class PrepareConfig:
     image_encoder: str | None = None  # e.g. "inception": cache image_tokens
     shard_size: int = 1024  # records per shard
     tiles_per_source: int = 4096  # tile-folder / manifest images per source (unit of work)
+    coords: Path | None = None  # TRIDENT/CLAM patches .h5 (or a folder of them) instead of a grid
+    export_features: Path | None = None  # write <dir>/<image_encoder>/<slide>.h5 features
     # Not part of the fingerprint: recorded in the summary only.
     rna_gene_sets: str | None = None  # GMT the manifest's RNA scores came from, or "bundled"
     # Not part of the fingerprint: they change speed, not results.
@@ -135,6 +142,13 @@ class PrepareConfig:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise PrepareError(f"{_option(name)} must be a positive µm/px, got {value}")
+        if self.coords is not None and not Path(self.coords).exists():
+            raise PrepareError(
+                f"--coords {self.coords}: no such file or folder; give a TRIDENT/CLAM patches "
+                ".h5 or a folder of them"
+            )
+        if self.export_features is not None and self.image_encoder is None:
+            raise PrepareError("--export-features needs --image-encoder (the features to export)")
         if self.keep_pixels and self.latents is None:
             raise PrepareError("--keep-pixels needs --latents (pixels are stored anyway without)")
 
@@ -278,9 +292,11 @@ class _Corrupt:
 
 
 def _slide_tiles(
-    source: Source, config: PrepareConfig, sizes: list[int]
+    source: Source, config: PrepareConfig, sizes: list[int], geometry: dict[str, Any] | None = None
 ) -> Iterator[Tile | _Corrupt]:
-    from mupad.data.wsi import SlideError, open_slide, plan_tiles, read_tile
+    """The slide's tiles: a tissue grid, or the patches of `config.coords` when given.
+    `geometry` (if passed) receives the slide id and tile side in level-0 px."""
+    from mupad.data.wsi import SlideError, open_slide, read_tile
 
     try:
         slide = open_slide(source.path, mpp=config.slide_mpp)
@@ -288,15 +304,13 @@ def _slide_tiles(
         raise CorruptInputError(f"cannot open the slide: {type(exc).__name__}: {exc}") from exc
     with slide:
         try:
-            coords = plan_tiles(
-                slide,
-                tile_size=config.tile_size,
-                target_mpp=config.target_mpp,
-                min_tissue=config.min_tissue,
-            )
+            coords = _plan_slide(slide, config)
         except OSError as exc:
             raise CorruptInputError(f"cannot tile the slide: {type(exc).__name__}: {exc}") from exc
         sizes.append(len(coords))
+        if geometry is not None:
+            geometry.update(slide_id=slide.slide_id, size_level0=coords[0].size_level0)
+        given_mpp = slide.mpp * coords[0].size_level0 / config.tile_size  # with --coords
         for coord in coords:
             where = f"{source.path} x={coord.x} y={coord.y}"
             try:
@@ -308,13 +322,40 @@ def _slide_tiles(
                 "slide_id": slide.slide_id,
                 "x": int(coord.x),
                 "y": int(coord.y),
-                "mpp": float(config.target_mpp),
-                "tissue_fraction": float(coord.tissue_fraction),
+                "mpp": float(config.target_mpp if config.coords is None else given_mpp),
+                "tissue_fraction": (
+                    None if math.isnan(coord.tissue_fraction) else float(coord.tissue_fraction)
+                ),
                 "key": f"{slide.slide_id}:{coord.x}:{coord.y}",
                 "label": -1,
                 "class_name": "",
                 "caption": "",
             }
+
+
+def _plan_slide(slide: Any, config: PrepareConfig) -> list[Any]:
+    """TileCoords of a slide: from its TRIDENT/CLAM patches file, or a tissue grid."""
+    from mupad.data.wsi import plan_tiles
+
+    if config.coords is None:
+        return plan_tiles(
+            slide,
+            tile_size=config.tile_size,
+            target_mpp=config.target_mpp,
+            min_tissue=config.min_tissue,
+        )
+    from mupad.data.patch_coords import (
+        PatchFormatError,
+        coords_file_for,
+        read_patch_coords,
+        slide_tile_coords,
+    )
+
+    try:
+        patches = read_patch_coords(coords_file_for(config.coords, slide.slide_id))
+        return slide_tile_coords(patches, slide, config.tile_size)
+    except PatchFormatError as exc:
+        raise CorruptInputError(f"--coords: {exc}") from exc
 
 
 def _item_tiles(
@@ -413,11 +454,13 @@ def _finish_source(out: Path, result: SourceResult, fingerprint: str) -> None:
     atomic_write_text(_done_path(out, result.source_id), json.dumps(marker, indent=1))
 
 
-def _flush(writer: Any, encoder: RecordEncoder, batch: list[Tile]) -> None:
+def _flush(writer: Any, encoder: RecordEncoder, batch: list[Tile], export: Any = None) -> None:
     tiles = np.stack([tile for tile, _ in batch])  # (B, S, S, 3)
     tensors = encoder(tiles, [fields["caption"] for _, fields in batch])
     for i, (_, fields) in enumerate(batch):
         writer.add({**fields, **{name: value[i] for name, value in tensors.items()}})
+    if export is not None:
+        export.add([fields for _, fields in batch], tensors)
 
 
 def process_source(
@@ -449,8 +492,14 @@ def process_source(
 
     result = SourceResult(source.source_id, str(source.path), "written")
     sizes: list[int] = []
+    geometry: dict[str, Any] = {}
+    export = None
+    if config.export_features is not None and source.kind is SourceKind.SLIDES:
+        from mupad.data.prepare_export import FeatureExport
+
+        export = FeatureExport(Path(config.export_features), str(config.image_encoder))
     tiles = (
-        _slide_tiles(source, config, sizes)
+        _slide_tiles(source, config, sizes, geometry)
         if source.kind is SourceKind.SLIDES
         else _item_tiles(source, config, sizes)
     )
@@ -475,13 +524,15 @@ def process_source(
                     continue
                 batch.append(tile)
                 if len(batch) == config.batch_size:
-                    _flush(writer, encoder_factory(), batch)
+                    _flush(writer, encoder_factory(), batch, export)
                     result.tiles += len(batch)
                     batch = []
             if batch:
-                _flush(writer, encoder_factory(), batch)
+                _flush(writer, encoder_factory(), batch, export)
                 result.tiles += len(batch)
             shards = writer.close()
+        if export is not None and geometry:
+            export.write(geometry["slide_id"], config.tile_size, geometry["size_level0"])
     except _bad_input_errors() as exc:
         for partial in _own_shards(out, source.source_id):
             partial.unlink()

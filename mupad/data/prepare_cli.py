@@ -75,6 +75,20 @@ def prepare(
             "for mupad's own collection), recorded so generation can check its inputs"
         ),
     ] = None,
+    coords: Annotated[
+        Path | None,
+        typer.Option(
+            help="Slides: tile at the patches of a TRIDENT/CLAM coords .h5, or a folder of "
+            "<slide>.h5 / <slide>_patches.h5, instead of a tissue grid"
+        ),
+    ] = None,
+    export_features: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --image-encoder: also write DIR/<encoder>/<slide>.h5 (features, coords) "
+            "for TRIDENT/CLAM MIL pipelines"
+        ),
+    ] = None,
     shard_size: Annotated[int, typer.Option(help="Records per shard")] = 1024,
     tiles_per_source: Annotated[
         int, typer.Option(help="Tile-folder / CSV images per unit of work")
@@ -99,6 +113,8 @@ def prepare(
         text_max_length=text_max_length,
         image_encoder=image_encoder,
         rna_gene_sets=rna_gene_sets,
+        coords=coords,
+        export_features=export_features,
         shard_size=shard_size,
         tiles_per_source=tiles_per_source,
         batch_size=batch_size,
