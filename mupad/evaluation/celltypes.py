@@ -335,9 +335,14 @@ def _check_image(image: Any, index: int) -> np.ndarray:
     return array
 
 
-def profile_images(images: Sequence[Any] | np.ndarray, model: CellTypeModel) -> CellTypeProfile:
+def profile_images(
+    images: Sequence[Any] | np.ndarray,
+    model: CellTypeModel,
+    on_detect: Callable[[int, list[Nucleus]], None] | None = None,
+) -> CellTypeProfile:
     """Count each type's nuclei in every image: images uint8 (N, 3, H, W) (or a list of
-    (3, H, W) of any sizes) -> `CellTypeProfile`."""
+    (3, H, W) of any sizes) -> `CellTypeProfile`. `on_detect(i, nuclei)` (optional) sees
+    each image's detections, e.g. to write them as QuPath GeoJSON."""
     if len(images) == 0:
         raise CellTypeError("no images to analyse")
     index = {name: k for k, name in enumerate(model.cell_types)}
@@ -345,7 +350,10 @@ def profile_images(images: Sequence[Any] | np.ndarray, model: CellTypeModel) -> 
     areas = np.zeros(len(images), dtype=np.float64)
     for i, image in enumerate(images):
         array = _check_image(image, i)
-        for nucleus in model.detect(array):
+        nuclei = model.detect(array)
+        if on_detect is not None:
+            on_detect(i, nuclei)
+        for nucleus in nuclei:
             if nucleus.cell_type not in index:
                 raise CellTypeError(
                     f"model {model.name!r} returned type {nucleus.cell_type!r} outside its "

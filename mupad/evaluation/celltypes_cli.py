@@ -39,13 +39,21 @@ from mupad.evaluation.stats import EvaluationError
 FIGURE = "celltype_proportions.png"
 
 
-def profile_folder(folder: Path, model: CellTypeModel, what: str) -> CellTypeProfile:
-    """Every image under `folder` (any sizes) through the model."""
+def profile_folder(
+    folder: Path, model: CellTypeModel, what: str, geojson: Path | None = None
+) -> CellTypeProfile:
+    """Every image under `folder` (any sizes) through the model; with `geojson`, each
+    image's cells are also written as QuPath GeoJSON under geojson/<what>/."""
     files = image_files(folder)
     if not files:
         raise EvaluationError(f"no {what} images under {folder}")
     images = [read_rgb(path).transpose(2, 0, 1) for path in files]  # (3, H, W) each
-    return profile_images(images, model)
+    writer = None
+    if geojson is not None:
+        from mupad.evaluation.celltypes_geojson import DetectionWriter
+
+        writer = DetectionWriter(files, folder, geojson / what, model.mpp)
+    return profile_images(images, model, on_detect=writer)
 
 
 def _proportion_figure(comparison: CellTypeComparison, out: Path) -> Path:
@@ -96,14 +104,21 @@ def evaluate_celltypes(
         int, typer.Option(help="Bootstrap resamples (over images) for the 95 % intervals")
     ] = 1000,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap")] = 0,
+    geojson: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also write every image's typed cells as QuPath GeoJSON detections: "
+            "DIR/real/... and DIR/generated/... (one .geojson per image, image px)"
+        ),
+    ] = None,
 ) -> None:
     """Per-type Wasserstein distance between real and generated cell-type proportions,
     nucleus counts and densities (bootstrap 95 % intervals)."""
     if not mpp > 0:
         raise EvaluationError(f"--mpp must be a positive pixel size in µm, got {mpp}")
     cell_model = build_cell_type_model(model, mpp=mpp)
-    real_profile = profile_folder(real, cell_model, "real")
-    generated_profile = profile_folder(generated, cell_model, "generated")
+    real_profile = profile_folder(real, cell_model, "real", geojson)
+    generated_profile = profile_folder(generated, cell_model, "generated", geojson)
     comparison = compare_profiles(
         real_profile, generated_profile, model=cell_model.name, mpp=mpp,
         iterations=bootstrap, seed=seed,
