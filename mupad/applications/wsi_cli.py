@@ -107,6 +107,12 @@ def translate(
     ] = TiffCompression.ZLIB,
     progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out file")] = False,
+    tissue_geojson: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also write the slide's tissue mask as QuPath GeoJSON annotations (level-0 px)"
+        ),
+    ] = None,
 ) -> None:
     """Translate SLIDE tile by tile (overlaps blended without seams) into a pyramidal TIFF."""
     check_output(out, overwrite)  # before a translator model is loaded
@@ -139,6 +145,11 @@ def translate(
         progress=progress,
         overwrite=overwrite,
     )
+    if tissue_geojson is not None:
+        from mupad.data.wsi.tissue_geojson import write_tissue_geojson
+
+        written = write_tissue_geojson(slide, tissue_geojson, slide_mpp=slide_mpp)
+        console.print(f"[green]wrote[/green] tissue regions to {written}")
     typer.echo(str(result))
 
 
