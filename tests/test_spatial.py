@@ -570,6 +570,11 @@ def test_every_kind_choice_resolves_to_a_reader(tmp_path, request, kind):
     if kind is SpatialKind.VISIUM:
         folder = make_visium(tmp_path / "v")
         assert load_sample(folder, kind=kind).kind is kind and detect_kind(folder) is kind
+    elif kind is SpatialKind.HEST:
+        from test_spatial_hest import make_hest
+
+        folder = make_hest(tmp_path / "hest")
+        assert load_sample(folder, kind=kind).kind is kind and detect_kind(folder) is kind
     else:
         assert request.getfixturevalue("her2st_b4").kind is kind
 

@@ -32,7 +32,9 @@ def _st() -> None:
 def extract(
     folder: Annotated[
         Path,
-        typer.Argument(help="Space Ranger output folder (outs/ or its parent), or a HER2ST folder"),
+        typer.Argument(
+            help="Space Ranger output folder (outs/ or its parent), a HER2ST or a HEST-1k folder"
+        ),
     ],
     out: Annotated[Path, typer.Option(help="Output folder (patches/, scores.csv, manifest.csv)")],
     kind: Annotated[
@@ -40,7 +42,8 @@ def extract(
         typer.Option(help="Folder layout; detected from the contents if omitted"),
     ] = None,
     section: Annotated[
-        str | None, typer.Option(help="HER2ST section, e.g. B4 (needed when there are several)")
+        str | None,
+        typer.Option(help="HER2ST section (e.g. B4) or HEST sample id, when there are several"),
     ] = None,
     image: Annotated[
         Path | None,

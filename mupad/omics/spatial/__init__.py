@@ -25,6 +25,7 @@ from mupad.omics.spatial.extract import (
     symbol_style,
 )
 from mupad.omics.spatial.her2st import list_her2st_sections, read_her2st
+from mupad.omics.spatial.hest import list_hest_samples, read_hest
 from mupad.omics.spatial.images import check_image, open_tissue_image
 from mupad.omics.spatial.matrix import read_10x_h5, read_mtx_folder
 from mupad.omics.spatial.space_ranger import read_positions, read_scalefactors, read_space_ranger
@@ -55,10 +56,12 @@ __all__ = [
     "detect_kind",
     "extract_spots",
     "list_her2st_sections",
+    "list_hest_samples",
     "load_sample",
     "open_tissue_image",
     "read_10x_h5",
     "read_her2st",
+    "read_hest",
     "read_mtx_folder",
     "read_positions",
     "read_scalefactors",

@@ -53,6 +53,7 @@ from mupad.omics.spatial.errors import (
     SpotsOutsideImageError,
 )
 from mupad.omics.spatial.her2st import list_her2st_sections, read_her2st
+from mupad.omics.spatial.hest import is_hest_folder, list_hest_samples, read_hest
 from mupad.omics.spatial.images import (
     PatchBox,
     TissueImage,
@@ -82,18 +83,21 @@ class SymbolStyle(str, enum.Enum):
 
 
 def detect_kind(folder: str | Path) -> SpatialKind:
-    """Visium (Space Ranger) or HER2ST layout, from the folder's contents."""
+    """Visium (Space Ranger), HER2ST or HEST-1k layout, from the folder's contents."""
     folder = Path(folder)
     if not folder.is_dir():
         raise MissingSpatialFileError(f"{folder} does not exist or is not a folder")
+    if is_hest_folder(folder):
+        return SpatialKind.HEST
     if all((folder / sub).is_dir() for sub in ("counts", "spots", "images")):
         return SpatialKind.HER2ST
     try:
         resolve_outs(folder)
     except MissingSpatialFileError:
         raise SpatialDataError(
-            f"{folder} is neither a Space Ranger output (spatial/ + filtered_feature_bc_matrix) "
-            "nor a HER2ST folder (counts/, spots/, images/); pass the right folder or kind="
+            f"{folder} is neither a Space Ranger output (spatial/ + filtered_feature_bc_matrix), "
+            "a HER2ST folder (counts/, spots/, images/) nor a HEST-1k folder (st/, wsis/, "
+            "metadata/); pass the right folder or kind="
         ) from None
     return SpatialKind.VISIUM
 
@@ -107,8 +111,11 @@ def load_sample(
     image_level: ImageLevel | None = None,
     mpp: float | None = None,
 ) -> SpatialSample:
-    """Read a Visium folder or one HER2ST section (auto-detected unless `kind` is given)."""
+    """Read a Visium folder, one HER2ST section or one HEST-1k sample (`section` = its id);
+    the layout is auto-detected unless `kind` is given."""
     kind = detect_kind(folder) if kind is None else parse_enum(SpatialKind, kind)
+    if kind is SpatialKind.HEST:
+        return _load_hest(folder, section, image, image_level, mpp)
     if kind is SpatialKind.HER2ST:
         if image is not None or image_level is not None:
             raise SpatialDataError(
@@ -126,6 +133,26 @@ def load_sample(
     if section is not None:
         raise SpatialDataError("section= applies to HER2ST folders only")
     return read_space_ranger(folder, image=image, image_level=image_level, mpp=mpp)
+
+
+def _load_hest(
+    folder: str | Path,
+    sample: str | None,
+    image: str | Path | None,
+    image_level: ImageLevel | None,
+    mpp: float | None,
+) -> SpatialSample:
+    if image is not None or image_level is not None:
+        raise SpatialDataError("image/image_level apply to Visium; HEST uses wsis/<id>.tif")
+    if sample is None:
+        samples = list_hest_samples(folder)
+        if len(samples) != 1:
+            raise SpatialDataError(
+                f"{folder} holds HEST samples {samples or 'none'}; choose one with "
+                "section=... (CLI: --section)"
+            )
+        sample = samples[0]
+    return read_hest(sample, folder, mpp=mpp)
 
 
 def symbol_style(genes: Sequence[str]) -> tuple[SymbolStyle, float]:

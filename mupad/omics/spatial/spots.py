@@ -30,6 +30,7 @@ class SpatialKind(str, enum.Enum):
 
     VISIUM = "visium"  # a Space Ranger output folder (`outs/` or its parent)
     HER2ST = "her2st"  # counts/<section>.tsv.gz + spots/<section>_selection.tsv + images/
+    HEST = "hest"  # HEST-1k: st/<id>.h5ad + wsis/<id>.tif + metadata/<id>.json
 
 
 class ImageLevel(str, enum.Enum):
@@ -46,6 +47,7 @@ class MppSource(str, enum.Enum):
     GIVEN = "given"  # the caller passed mpp=...
     SPOT_DIAMETER = "spot_diameter_fullres"  # Visium: 55 µm / spot_diameter_fullres
     ARRAY_PITCH = "array_pitch"  # legacy ST: 200 µm spot pitch / fitted px per array step
+    METADATA = "metadata"  # HEST-1k: pixel_size_um_* of metadata/<id>.json
 
 
 @dataclass(frozen=True)
