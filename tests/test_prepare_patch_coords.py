@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mupad.conditioning.registry import register_encoder
+from mupad.conditions import Modality
 from mupad.data.patch_coords import (
     PatchCoords,
     read_patch_features,
@@ -32,6 +33,7 @@ class _MeanColour:
     """A stand-in image encoder: global token = mean colour, 4 grid tokens (dim 3)."""
 
     dim = 3
+    modality = Modality.IMAGE
 
     def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean = pixels.mean(dim=(2, 3))  # (B, 3)

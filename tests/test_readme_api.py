@@ -2,38 +2,20 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
-from mupad.conditions import Modality
-from mupad.conditioning.registry import register_encoder
 from mupad.config import model_preset
 from mupad.models import SiT
+from test_prepare_patch_coords import ENCODER  # a stand-in image encoder (dim 3)
 
 SHARED_SLIDE = (
     Path(__file__).resolve().parents[2] / "shared" / "data" / "package_samples"
     / "cmu_small_region.svs"
 )
-ENCODER = "test-readme-colour"
-
-
-class _MeanColour:
-    """Stand-in image encoder: 5 tokens holding the mean colour (dim 3)."""
-
-    dim = 3
-    modality = Modality.IMAGE
-
-    def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = pixels.mean(dim=(2, 3))[:, None].expand(-1, 5, -1).contiguous()  # (B, 5, 3)
-        return tokens, torch.ones(tokens.shape[:2], dtype=torch.bool)
-
-
-register_encoder(ENCODER, lambda weights=None, **_: _MeanColour(), overwrite=True)
 
 
 @pytest.mark.skipif(not SHARED_SLIDE.is_file(), reason=f"shared CC0 slide missing: {SHARED_SLIDE}")
@@ -74,4 +56,3 @@ def test_spot_table_to_pathway_scores(tmp_path):
     # ---
     assert isinstance(scores, pd.DataFrame) and scores.shape[0] == 3
     assert scores.shape[1] > 0 and np.isfinite(scores.to_numpy()).all()
-    json.dumps(scores.columns.tolist())
