@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from mupad.conditioning.registry import register_encoder
 from mupad.conditions import Modality
@@ -85,6 +86,11 @@ def test_coords_options_are_checked(tmp_path):
         _config(coords=tmp_path / "missing.h5")
     with pytest.raises(PrepareError, match="--export-features needs --image-encoder"):
         _config(export_features=tmp_path / "f")
+    tiles = tmp_path / "tiles" / "A"
+    tiles.mkdir(parents=True)
+    Image.new("RGB", (32, 32), (200, 100, 150)).save(tiles / "t.png")
+    with pytest.raises(PrepareError, match="apply to slides"):
+        prepare_dataset(tiles.parent, tmp_path / "o", _config(coords=tiles / "t.png"))
 
 
 @needs_slide

@@ -605,6 +605,12 @@ def prepare_dataset(
             tiles_per_source=config.tiles_per_source,
         )
         rna = rna_provenance(sources, config.rna_gene_sets)  # a bad GMT fails before any work
+        slides = any(source.kind is SourceKind.SLIDES for source in sources)
+        if (config.coords is not None or config.export_features is not None) and not slides:
+            raise PrepareError(
+                "--coords and --export-features apply to slides (patch coordinates are level-0 "
+                f"slide pixels), but {input_path} holds none; leave them out"
+            )
         out.mkdir(parents=True, exist_ok=True)  # only once the inputs are known to be usable
         mine = sources[env.rank :: env.world_size]
         logger.info(
