@@ -98,3 +98,26 @@ def test_slide_without_its_coords_file_fails_alone(slide_dir, tmp_path):
     (tmp_path / "job").mkdir()
     with pytest.raises(PrepareError, match="no patches file for slide 'cmu_small_region'"):
         prepare_dataset(slide_dir, tmp_path / "o", _config(coords=tmp_path / "job"))
+
+
+@needs_slide
+def test_cli_coords_and_export(slide_dir, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from mupad.data.prepare_cli import prepare
+
+    app = typer.Typer()
+    app.command("prepare")(prepare)
+    app.command("noop")(lambda: None)  # a group, so "prepare" is a subcommand name
+    patches = PatchCoords(np.array([[64, 64], [640, 640]]), patch_size=128, slide_id="x")
+    coords = write_patch_coords(tmp_path / "cmu_small_region.h5", patches)
+    out, exported = tmp_path / "out", tmp_path / "features"
+    result = CliRunner().invoke(
+        app,
+        ["prepare", str(slide_dir), str(out), "--tile-size", "32", "--no-progress",
+         "--coords", str(coords), "--image-encoder", ENCODER, "--export-features", str(exported)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    features = read_patch_features(exported / ENCODER / "cmu_small_region.h5")
+    assert features.features.shape == (2, 3) and features.patches.size_level0() == 128
